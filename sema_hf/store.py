@@ -1,0 +1,205 @@
+"""The fp32 averages over plain tensors: update, switch, swap-in for evaluation, state dict.
+
+An update is pure memory traffic: read the weights, read the average, write the average. Its floor is one
+``lerp_`` over a contiguous fp32 buffer of the same size (12 bytes per element for fp32 weights, 10 for bf16
+weights with an fp32 average). The store keeps every average of a device as a view into ONE flat fp32 buffer, plans
+the update once, and runs it without allocating or synchronising with the host:
+
+* fp32 sources: one fused ``torch._foreach_lerp_(averages, sources, 1 - m)``;
+* lower-precision sources (bf16/fp16): cast block by block into a reused fp32 scratch buffer of about 1M elements
+  (small tensors packed together, large ones cut into pieces), then ``_foreach_lerp_`` from the scratch. Mixed-dtype
+  arithmetic would otherwise silently materialise an fp32 copy of the whole operand.
+
+The average is always fp32: a bf16 average of bf16 weights stops moving once ``(1 - m) * theta`` falls below the
+bf16 resolution of ``ema`` (at m = 0.999 that is almost always).
+
+The store knows nothing of the Trainer or of engines: it gets `Slot`s (what to average, what to write on a switch)
+and an ``after_write`` callback from an engine adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .engines.base import Slot
+
+SCRATCH_NUMEL = 1 << 20  # fp32 elements per cast block: 4 MiB, cache-sized
+
+
+@dataclass
+class _CastBlock:
+    """Pieces of low-precision sources cast together through the scratch buffer."""
+
+    sources: list[torch.Tensor]
+    scratch: list[torch.Tensor]
+    averages: list[torch.Tensor]
+
+
+class EMAStore:
+    """Exponential moving averages (fp32) of a fixed set of named tensors.
+
+    Args:
+        slots: the tensors to average (`Slot.source`) and the copies a switch must also write (`Slot.compute`).
+            Names must be unique; tensors are paired by name, never by position.
+        after_write: called after the store wrote into the model's tensors (switch, swap in, swap out), so an
+            engine can refresh what the forward reads.
+        scratch_numel: size of the fp32 cast buffer used for low-precision sources.
+    """
+
+    def __init__(
+        self,
+        slots: Sequence[Slot],
+        after_write: Callable[[], None] | None = None,
+        scratch_numel: int = SCRATCH_NUMEL,
+    ) -> None:
+        names = [s.name for s in slots]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"EMAStore slot names must be unique; repeated: {duplicates}")
+        for s in slots:
+            if not s.source.is_floating_point():
+                raise ValueError(f"EMAStore slot {s.name!r} has dtype {s.source.dtype}; only floating tensors average")
+        self.slots: list[Slot] = list(slots)
+        self._after_write = after_write or (lambda: None)
+        self._averages: dict[str, torch.Tensor] = self._allocate()
+        self._plan_update(scratch_numel)
+        self.reset()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def _allocate(self) -> dict[str, torch.Tensor]:
+        """One flat fp32 buffer per device; every average is a view of it."""
+        by_device: dict[torch.device, list[Slot]] = {}
+        for s in self.slots:
+            by_device.setdefault(s.source.device, []).append(s)
+        averages: dict[str, torch.Tensor] = {}
+        for device, group in by_device.items():
+            flat = torch.empty(sum(s.source.numel() for s in group), dtype=torch.float32, device=device)
+            offset = 0
+            for s in group:
+                n = s.source.numel()
+                averages[s.name] = flat[offset : offset + n].view(s.source.shape)
+                offset += n
+        return {s.name: averages[s.name] for s in self.slots}
+
+    def _plan_update(self, scratch_numel: int) -> None:
+        self._fp32_averages: list[torch.Tensor] = []
+        self._fp32_sources: list[torch.Tensor] = []
+        self._cast_blocks: list[_CastBlock] = []
+        self._slow: list[tuple[torch.Tensor, torch.Tensor]] = []  # non-contiguous low-precision sources
+        pieces_by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for s in self.slots:
+            avg = self._averages[s.name]
+            if s.source.numel() == 0:
+                continue
+            if s.source.dtype == torch.float32:
+                self._fp32_averages.append(avg)
+                self._fp32_sources.append(s.source)
+            elif s.source.is_contiguous():
+                src, dst = s.source.view(-1), avg.view(-1)
+                for start in range(0, src.numel(), scratch_numel):
+                    stop = min(start + scratch_numel, src.numel())
+                    pieces_by_device.setdefault(src.device, []).append((src[start:stop], dst[start:stop]))
+            else:
+                self._slow.append((avg, s.source))
+        for device, pieces in pieces_by_device.items():
+            scratch = torch.empty(min(scratch_numel, sum(p[0].numel() for p in pieces)), dtype=torch.float32, device=device)
+            block = _CastBlock([], [], [])
+            used = 0
+            for src, dst in pieces:
+                if used + src.numel() > scratch.numel():
+                    self._cast_blocks.append(block)
+                    block, used = _CastBlock([], [], []), 0
+                block.sources.append(src)
+                block.scratch.append(scratch[used : used + src.numel()])
+                block.averages.append(dst)
+                used += src.numel()
+            self._cast_blocks.append(block)
+
+    # ---- the averages -------------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Slot names in order."""
+        return list(self._averages)
+
+    @property
+    def local_numel(self) -> int:
+        """Elements of fp32 average held by this process (4 bytes each)."""
+        return sum(a.numel() for a in self._averages.values())
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average afresh as a copy of the sources."""
+        for s in self.slots:
+            self._averages[s.name].copy_(s.source)
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """``ema <- decay * ema + (1 - decay) * source`` for every slot, in place, with no allocation."""
+        weight = 1.0 - decay
+        if self._fp32_averages:
+            torch._foreach_lerp_(self._fp32_averages, self._fp32_sources, weight)
+        for block in self._cast_blocks:
+            torch._foreach_copy_(block.scratch, block.sources)
+            torch._foreach_lerp_(block.averages, block.scratch, weight)
+        for avg, src in self._slow:
+            avg.lerp_(src.float(), weight)
+
+    @torch.no_grad()
+    def switch(self) -> None:
+        """Copy the averages into what the optimizer updates and into what the forward reads (Switch EMA)."""
+        for s in self.slots:
+            avg = self._averages[s.name]
+            s.source.copy_(avg)
+            if s.compute is not None:
+                s.compute.copy_(avg)
+        self._after_write()
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Within the block the forward reads the averages; the raw weights always come back afterwards, bit for bit.
+
+        Only what the forward reads is written (not fp32 master copies), so the optimizer never sees the average.
+        Costs one copy of the forward tensors while inside the block.
+        """
+        with torch.no_grad():
+            targets = [s.forward_tensor for s in self.slots]
+            backup = [t.clone() for t in targets]
+            for s, t in zip(self.slots, targets, strict=True):
+                t.copy_(self._averages[s.name])
+            self._after_write()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, b in zip(targets, backup, strict=True):
+                    t.copy_(b)
+                del backup
+                self._after_write()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages by slot name (views of the store's buffers; clone them to keep a snapshot)."""
+        return dict(self._averages)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore averages saved by `state_dict`; names and shapes must match exactly."""
+        missing = [n for n in self._averages if n not in state]
+        unexpected = [n for n in state if n not in self._averages]
+        mismatched = [
+            f"{n}: saved {tuple(state[n].shape)} vs current {tuple(a.shape)}"
+            for n, a in self._averages.items()
+            if n in state and tuple(state[n].shape) != tuple(a.shape)
+        ]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                "EMA state does not match this model: "
+                f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+                f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
+                f"shape mismatches {mismatched[:10]}"
+            )
+        for n, a in self._averages.items():
+            a.copy_(state[n])
