@@ -60,7 +60,9 @@ class SEMAConfig:
     )
     update_after_step: int = field(
         default=0,
-        metadata={"help": "Until this optimizer step the average is a copy of the weights; averaging starts after it."},
+        metadata={
+            "help": "Until this optimizer step the average is a copy of the weights; averaging starts after it."
+        },
     )
     switch: bool = field(
         default=True,
@@ -94,7 +96,9 @@ class SEMAConfig:
     )
     include_buffers: bool = field(
         default=False,
-        metadata={"help": "Also average floating-point buffers (e.g. BatchNorm statistics). Default: parameters only."},
+        metadata={
+            "help": "Also average floating-point buffers (e.g. BatchNorm statistics). Default: parameters only."
+        },
     )
     final_weights: str = field(
         default="ema",
@@ -113,7 +117,9 @@ class SEMAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.decay, float | int) and 0.0 < self.decay < 1.0, "decay", self.decay, "a float in (0, 1)")
+        _check(
+            isinstance(self.decay, float | int) and 0.0 < self.decay < 1.0, "decay", self.decay, "a float in (0, 1)"
+        )
         _check(self.warmup in WARMUP_KINDS, "warmup", self.warmup, f"one of {WARMUP_KINDS}")
         _check(
             self.warmup_steps is None or (_is_int(self.warmup_steps) and self.warmup_steps >= 0),

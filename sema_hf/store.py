@@ -106,7 +106,9 @@ class EMAStore:
             else:
                 self._slow.append((avg, s.source))
         for device, pieces in pieces_by_device.items():
-            scratch = torch.empty(min(scratch_numel, sum(p[0].numel() for p in pieces)), dtype=torch.float32, device=device)
+            scratch = torch.empty(
+                min(scratch_numel, sum(p[0].numel() for p in pieces)), dtype=torch.float32, device=device
+            )
             block = _CastBlock([], [], [])
             used = 0
             for src, dst in pieces:

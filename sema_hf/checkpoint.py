@@ -1,0 +1,161 @@
+"""EMA state on disk: one safetensors file per distinct shard plus a small JSON, written atomically.
+
+Inside a Trainer checkpoint folder ``checkpoint-N/``::
+
+    sema_state.json                          counters, config, engine, world size, layout fingerprint (rank 0)
+    sema_ema-00001-of-00001.safetensors      one process / DDP: the full average (rank 0 writes it)
+    sema_ema-00001-of-00002.safetensors      sharded engines: one file per rank, holding only that rank's shard
+    sema_ema-00002-of-00002.safetensors
+
+Every file is written to a temporary name, flushed to disk and renamed into place, and the JSON is written last,
+after all ranks finished their shard: a crash mid-save never leaves a half-written file under a final name, and
+a folder without ``sema_state.json`` holds no EMA state. No pickle: tensors in safetensors, the rest in JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .engines.base import Layout
+
+STATE_NAME = "sema_state.json"
+FORMAT = "sema-hf/1"
+
+
+def shard_file_name(shard: int, num_shards: int) -> str:
+    """File holding shard ``shard`` (0-based) of ``num_shards``; numbered from 1 like sharded HF weights."""
+    return f"sema_ema-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+
+
+def layout_fingerprint(layout: Layout) -> str:
+    """SHA-256 over what must match for the averages to be loaded as saved: engine kind, the model tensors
+    covered (names and shapes) and, for sharded engines, the world size."""
+    key = {
+        "sharded": layout.sharded,
+        "world_size": layout.world_size if layout.sharded else 1,
+        "params": layout.params,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_path)``, flush it to disk, then rename onto ``path`` (atomic on POSIX)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_ema_checkpoint(
+    directory: str,
+    averages: Mapping[str, torch.Tensor],
+    layout: Layout,
+    meta: Mapping[str, Any],
+    barrier: Callable[[], None] = lambda: None,
+) -> None:
+    """Write this rank's averages (every rank calls this; ``barrier`` synchronises them before the JSON)."""
+    os.makedirs(directory, exist_ok=True)
+    num_shards = layout.world_size if layout.sharded else 1
+    if layout.sharded or layout.rank == 0:
+        shard = layout.rank if layout.sharded else 0
+        # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
+        header = {"format": FORMAT, "layout": json.dumps(asdict(layout)), "fingerprint": layout_fingerprint(layout)}
+        atomic_write(
+            os.path.join(directory, shard_file_name(shard, num_shards)),
+            lambda tmp: save_file(tensors, tmp, metadata=header),
+        )
+    barrier()
+    if layout.rank == 0:
+        state = {
+            "format": FORMAT,
+            **meta,
+            "engine": layout.engine,
+            "sharded": layout.sharded,
+            "world_size": layout.world_size,
+            "num_shards": num_shards,
+            "fingerprint": layout_fingerprint(layout),
+            "params": layout.params,
+        }
+
+        def write_json(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+
+        atomic_write(os.path.join(directory, STATE_NAME), write_json)
+    barrier()
+
+
+def has_ema_checkpoint(directory: str) -> bool:
+    """True when ``directory`` holds a complete EMA state (its JSON is written last)."""
+    return os.path.isfile(os.path.join(directory, STATE_NAME))
+
+
+def read_ema_state(directory: str) -> dict[str, Any]:
+    """The JSON of an EMA checkpoint; a clear error when there is none."""
+    path = os.path.join(directory, STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No SEMA EMA state in {directory!r} (expected {STATE_NAME} and sema_ema-*.safetensors, written by "
+            "SEMACallback.on_save). Resuming would silently restart the average: resume from a checkpoint written "
+            "with SEMACallback, or pass SEMACallback(allow_fresh_ema_on_resume=True) to start a fresh average."
+        )
+    with open(path) as f:
+        state = json.load(f)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown EMA state format {state.get('format')!r}; this sema_hf reads {FORMAT!r}")
+    return state
+
+
+def load_ema_checkpoint(directory: str, layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's averages and the saved JSON, after checking that they fit the current ``layout``."""
+    state = read_ema_state(directory)
+    if [list(p) for p in state["params"]] != [list(p) for p in layout.params]:
+        raise ValueError(_describe_param_mismatch(directory, state["params"], layout.params))
+    if layout.sharded and state["world_size"] != layout.world_size:
+        raise ValueError(
+            f"EMA state in {directory!r} was sharded over {state['world_size']} ranks by {state['engine']!r}; "
+            f"this run has {layout.world_size} ranks. Resume with world size {state['world_size']}."
+        )
+    num_shards = state["num_shards"]
+    shard = layout.rank if layout.sharded else 0
+    path = os.path.join(directory, shard_file_name(shard, num_shards))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EMA shard file {path!r} is missing (its JSON names {num_shards} shard files)")
+    tensors = load_file(path, device="cpu")
+    return tensors, state
+
+
+def _describe_param_mismatch(directory: str, saved: list, current: list) -> str:
+    saved_map = {name: list(shape) for name, shape in saved}
+    current_map = {name: list(shape) for name, shape in current}
+    missing = [n for n in current_map if n not in saved_map]
+    unexpected = [n for n in saved_map if n not in current_map]
+    reshaped = [
+        f"{n}: saved {saved_map[n]} vs model {shape}"
+        for n, shape in current_map.items()
+        if n in saved_map and saved_map[n] != shape
+    ]
+    return (
+        f"EMA state in {directory!r} does not match this model's averaged tensors: "
+        f"not in checkpoint {missing[:10]}, not in model {unexpected[:10]}, shape mismatches {reshaped[:10]}"
+        + ("" if missing or unexpected or reshaped else " (same tensors in a different order)")
+    )
