@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -29,12 +30,13 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, 
     A rare exit-time abort of gloo launches is retried once (seen about 1 in 60 launches on these machines).
     """
     env = {**os.environ, **OFFLINE_ENV}
+    script = script if os.path.isabs(script) else os.path.join(REPO_ROOT, script)  # relative to the repo root
     for attempt in range(retries + 1):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
         output = proc.stdout + proc.stderr
         if proc.returncode == 0:
             return output

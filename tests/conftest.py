@@ -1,0 +1,13 @@
+import os
+import sys
+
+# Tests import their shared helpers (tiny.py, launch.py) as top-level modules.
+sys.path.insert(0, os.path.dirname(__file__))
+for name, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(name, value)
