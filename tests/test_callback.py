@@ -327,3 +327,21 @@ def test_ema_checkpoint_files_are_safetensors_written_without_temporaries(tmp_pa
     assert not any(".tmp" in f for f in files)
     state = load_file(str(tmp_path / "checkpoint-2" / "sema_ema-00001-of-00001.safetensors"))
     assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_load_best_model_at_end_ends_with_the_best_checkpoints_ema(tmp_path):
+    sema = SEMACallback(decay=0.8, switch=False)
+    trainer = tiny_trainer(
+        str(tmp_path),
+        [sema],
+        num_train_epochs=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    saved_ema = load_file(os.path.join(best, "sema_ema-00001-of-00001.safetensors"))
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value, saved_ema[name])
