@@ -6,7 +6,31 @@ copies it into the model at every epoch end (Li et al., "Switch EMA", arXiv 2402
 
 from .callback import SEMACallback
 from .config import SEMAConfig
+from .landscape import (
+    Flatness,
+    LossProfile,
+    fixed_batches,
+    flatness,
+    loss_profile,
+    mean_loss,
+    plot_loss_profile,
+    top_hessian_eigenvalue,
+)
+from .landscape_probe import LandscapeProbe
 from .store import EMAStore
 
-__all__ = ["EMAStore", "SEMACallback", "SEMAConfig"]
+__all__ = [
+    "EMAStore",
+    "Flatness",
+    "LandscapeProbe",
+    "LossProfile",
+    "SEMACallback",
+    "SEMAConfig",
+    "fixed_batches",
+    "flatness",
+    "loss_profile",
+    "mean_loss",
+    "plot_loss_profile",
+    "top_hessian_eigenvalue",
+]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from . import schedule
 from .checkpoint import has_ema_checkpoint, load_ema_checkpoint, save_ema_checkpoint
 from .config import SEMAConfig
 from .engines import EngineAdapter, detect_engine
+from .landscape_probe import LandscapeProbe
 from .store import EMAStore
 
 logger = logging.get_logger(__name__)
@@ -44,6 +45,9 @@ class SEMACallback(TrainerCallback):
 
     Args:
         config: a `SEMAConfig`; omitted, the defaults.
+        landscape: a `LandscapeProbe`: at each switch, just before it, measure loss and sharpness (and flatness) of
+            the raw and the EMA weights and log them (``landscape_raw_*``, ``landscape_ema_*``). Single-process
+            models only (one process or DDP).
         **overrides: any `SEMAConfig` field, e.g. ``SEMACallback(decay=0.9999, switch_every_epochs=2)``.
 
     Metrics logged through the Trainer (so TensorBoard, W&B... see them): ``ema_decay`` (the decay of the last
@@ -51,9 +55,12 @@ class SEMACallback(TrainerCallback):
     ``evaluate_with="both"``, ``eval_ema_*`` next to ``eval_*``.
     """
 
-    def __init__(self, config: SEMAConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, config: SEMAConfig | None = None, *, landscape: LandscapeProbe | None = None, **overrides: Any
+    ) -> None:
         base = config if config is not None else SEMAConfig()
         self.config: SEMAConfig = base.replace(**overrides) if overrides else base
+        self.landscape = landscape
         self.engine: EngineAdapter | None = None
         self.store: EMAStore | None = None
         self.num_updates = 0
@@ -101,6 +108,12 @@ class SEMACallback(TrainerCallback):
                 "callback.set_trainer(trainer) before trainer.train()."
             )
         self.engine = detect_engine(kwargs["model"], kwargs.get("optimizer"), self.config.include_buffers)
+        if self.landscape is not None and self.engine.layout().sharded:
+            raise ValueError(
+                f"SEMACallback(landscape=...) measures single-process models only, but the engine is "
+                f"{self.engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
+                "or pass landscape=None."
+            )
         self.store = EMAStore(self.engine.slots(), after_write=self.engine.after_write)
         self._warmup_steps = schedule.resolve_warmup_steps(
             self.config.warmup_steps, state.max_steps, state.num_train_epochs
@@ -134,7 +147,7 @@ class SEMACallback(TrainerCallback):
         if self.config.switch and schedule.should_switch_at_step(
             step, self.config.switch_every_steps, self.config.update_after_step
         ):
-            logs.update(self._switch(store))
+            logs.update(self._switch(store, kwargs.get("model")))
         self._log(logs, state, control)
         self._prepare_evaluation(control)
 
@@ -149,7 +162,7 @@ class SEMACallback(TrainerCallback):
                 completed, self.config.switch_every_epochs, self.config.switch_start_epoch
             )
         ):
-            self._log(self._switch(store), state, control)
+            self._log(self._switch(store, kwargs.get("model")), state, control)
         self._prepare_evaluation(control)
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs):
@@ -231,10 +244,15 @@ class SEMACallback(TrainerCallback):
             self.num_updates += 1
             self.last_decay = decay
 
-    def _switch(self, store: EMAStore) -> dict[str, float]:
+    def _switch(self, store: EMAStore, model: torch.nn.Module | None) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        if self.landscape is not None:  # measured before the switch: afterwards raw and EMA weights are the same
+            if model is None:
+                raise RuntimeError("SEMACallback(landscape=...) needs the model in the hook's keyword arguments")
+            logs = self.landscape.measure(model, store.swapped_in)
         store.switch()
         self.num_switches += 1
-        return {"ema_switches": float(self.num_switches)}
+        return {**logs, "ema_switches": float(self.num_switches)}
 
     def _prepare_evaluation(self, control: TrainerControl) -> None:
         """Swap the average in when the Trainer is about to evaluate (no hook fires before evaluation itself)."""
