@@ -7,8 +7,15 @@ the update once, and runs it without allocating or synchronising with the host:
 
 * fp32 sources: one fused ``torch._foreach_lerp_(averages, sources, 1 - m)``;
 * lower-precision sources (bf16/fp16): cast block by block into a reused fp32 scratch buffer of about 1M elements
-  (small tensors packed together, large ones cut into pieces), then ``_foreach_lerp_`` from the scratch. Mixed-dtype
-  arithmetic would otherwise silently materialise an fp32 copy of the whole operand.
+  (small tensors packed together, large ones cut into pieces, non-contiguous ones cut along their first dimension),
+  then one ``lerp_`` per block from the scratch. Mixed-dtype arithmetic would otherwise silently materialise an
+  fp32 copy of the whole operand (on CPU, TensorIterator casts the bf16 operand into a temporary).
+* sources that lie end to end in one storage (FSDP1 ``use_orig_params`` views, parameters a user flattened into
+  one buffer) are merged into a single run at planning time: one kernel instead of one per tensor. On CPU a
+  ``_foreach`` op is a loop of one kernel per tensor (about 1 us each, and tensors under 32K elements run on one
+  thread), so a model made of many small separate tensors stays several times above the flat bound.
+
+A switch is planned the same way: one ``_foreach_copy_`` per (device, dtype) of the tensors written.
 
 The average is always fp32: a bf16 average of bf16 weights stops moving once ``(1 - m) * theta`` falls below the
 bf16 resolution of ``ema`` (at m = 0.999 that is almost always).
@@ -32,11 +39,71 @@ SCRATCH_NUMEL = 1 << 20  # fp32 elements per cast block: 4 MiB, cache-sized
 
 @dataclass
 class _CastBlock:
-    """Pieces of low-precision sources cast together through the scratch buffer."""
+    """Pieces of low-precision sources cast together through the scratch buffer, then averaged in one go.
+
+    ``scratch[i]`` has the shape of ``sources[i]`` (the cast); ``averages[j]`` / ``lerp_sources[j]`` are the same
+    memory merged into as few contiguous runs as possible (usually one) for the lerp.
+    """
 
     sources: list[torch.Tensor]
     scratch: list[torch.Tensor]
     averages: list[torch.Tensor]
+    lerp_sources: list[torch.Tensor]
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` starts in memory exactly where ``a`` ends (both contiguous, same storage, dtype and device)."""
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.numel()
+    )
+
+
+def _extended(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """A 1-D view of ``t`` and the ``extra`` elements that follow it in its storage."""
+    return t.as_strided((t.numel() + extra,), (1,), t.storage_offset())
+
+
+def _coalesce(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Merge consecutive ``(x, y)`` pairs whose x's and whose y's both lie end to end into one 1-D pair."""
+    merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for x, y in pairs:
+        if merged and _follows(merged[-1][0], x) and _follows(merged[-1][1], y):
+            px, py = merged[-1]
+            merged[-1] = (_extended(px, x.numel()), _extended(py, y.numel()))
+        else:
+            merged.append((x, y))
+    return merged
+
+
+def _pieces(
+    source: torch.Tensor, average: torch.Tensor, max_numel: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a (source, average) pair into pieces of at most ``max_numel`` elements (at least one row each)."""
+    if source.is_contiguous():
+        source, average = source.view(-1), average.view(-1)
+    if source.numel() <= max_numel or source.dim() == 0:
+        yield source, average
+        return
+    rows = max(1, max_numel // (source.numel() // source.shape[0]))
+    for start in range(0, source.shape[0], rows):
+        yield source[start : start + rows], average[start : start + rows]
+
+
+def _grouped_copies(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """``(destination, source)`` pairs, merged where contiguous and grouped by destination device and dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for dst, src in _coalesce([(d, s) for d, s in pairs if d.numel()]):
+        dsts, srcs = groups.setdefault((dst.device, dst.dtype), ([], []))
+        dsts.append(dst)
+        srcs.append(src)
+    return list(groups.values())
 
 
 class EMAStore:
@@ -86,40 +153,48 @@ class EMAStore:
         return {s.name: averages[s.name] for s in self.slots}
 
     def _plan_update(self, scratch_numel: int) -> None:
-        self._fp32_averages: list[torch.Tensor] = []
-        self._fp32_sources: list[torch.Tensor] = []
-        self._cast_blocks: list[_CastBlock] = []
-        self._slow: list[tuple[torch.Tensor, torch.Tensor]] = []  # non-contiguous low-precision sources
-        pieces_by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        fp32: list[tuple[torch.Tensor, torch.Tensor]] = []
+        low: list[tuple[torch.Tensor, torch.Tensor]] = []
         for s in self.slots:
-            avg = self._averages[s.name]
-            if s.source.numel() == 0:
-                continue
-            if s.source.dtype == torch.float32:
-                self._fp32_averages.append(avg)
-                self._fp32_sources.append(s.source)
-            elif s.source.is_contiguous():
-                src, dst = s.source.view(-1), avg.view(-1)
-                for start in range(0, src.numel(), scratch_numel):
-                    stop = min(start + scratch_numel, src.numel())
-                    pieces_by_device.setdefault(src.device, []).append((src[start:stop], dst[start:stop]))
-            else:
-                self._slow.append((avg, s.source))
+            if s.source.numel():
+                (fp32 if s.source.dtype == torch.float32 else low).append((s.source, self._averages[s.name]))
+        fp32 = _coalesce(fp32)
+        self._fp32_sources: list[torch.Tensor] = [src for src, _ in fp32]
+        self._fp32_averages: list[torch.Tensor] = [avg for _, avg in fp32]
+
+        pieces_by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for src, avg in _coalesce(low):
+            pieces_by_device.setdefault(src.device, []).extend(_pieces(src, avg, scratch_numel))
+        self._cast_blocks: list[_CastBlock] = []
         for device, pieces in pieces_by_device.items():
-            scratch = torch.empty(
-                min(scratch_numel, sum(p[0].numel() for p in pieces)), dtype=torch.float32, device=device
-            )
-            block = _CastBlock([], [], [])
+            size = max(min(scratch_numel, sum(p.numel() for p, _ in pieces)), max(p.numel() for p, _ in pieces))
+            scratch = torch.empty(size, dtype=torch.float32, device=device)
+            block: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             used = 0
-            for src, dst in pieces:
-                if used + src.numel() > scratch.numel():
-                    self._cast_blocks.append(block)
-                    block, used = _CastBlock([], [], []), 0
-                block.sources.append(src)
-                block.scratch.append(scratch[used : used + src.numel()])
-                block.averages.append(dst)
+            for src, avg in pieces:
+                if used + src.numel() > size:
+                    self._cast_blocks.append(self._cast_block(block))
+                    block, used = [], 0
+                block.append((src, scratch[used : used + src.numel()].view(src.shape), avg))
                 used += src.numel()
-            self._cast_blocks.append(block)
+            self._cast_blocks.append(self._cast_block(block))
+
+        # Sources first, then compute copies, so that neighbours in memory are neighbours in the list and merge.
+        self._switch_copies = _grouped_copies(
+            [(s.source, self._averages[s.name]) for s in self.slots]
+            + [(s.compute, self._averages[s.name]) for s in self.slots if s.compute is not None]
+        )
+        self._reset_copies = _grouped_copies([(self._averages[s.name], s.source) for s in self.slots])
+
+    @staticmethod
+    def _cast_block(block: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> _CastBlock:
+        runs = _coalesce([(avg, scratch) for _, scratch, avg in block])
+        return _CastBlock(
+            sources=[src for src, _, _ in block],
+            scratch=[scratch for _, scratch, _ in block],
+            averages=[avg for avg, _ in runs],
+            lerp_sources=[scratch for _, scratch in runs],
+        )
 
     # ---- the averages -------------------------------------------------------------------------------------------
     @property
@@ -135,8 +210,8 @@ class EMAStore:
     @torch.no_grad()
     def reset(self) -> None:
         """Start the average afresh as a copy of the sources."""
-        for s in self.slots:
-            self._averages[s.name].copy_(s.source)
+        for averages, sources in self._reset_copies:
+            torch._foreach_copy_(averages, sources)
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -146,18 +221,13 @@ class EMAStore:
             torch._foreach_lerp_(self._fp32_averages, self._fp32_sources, weight)
         for block in self._cast_blocks:
             torch._foreach_copy_(block.scratch, block.sources)
-            torch._foreach_lerp_(block.averages, block.scratch, weight)
-        for avg, src in self._slow:
-            avg.lerp_(src.float(), weight)
+            torch._foreach_lerp_(block.averages, block.lerp_sources, weight)
 
     @torch.no_grad()
     def switch(self) -> None:
         """Copy the averages into what the optimizer updates and into what the forward reads (Switch EMA)."""
-        for s in self.slots:
-            avg = self._averages[s.name]
-            s.source.copy_(avg)
-            if s.compute is not None:
-                s.compute.copy_(avg)
+        for targets, averages in self._switch_copies:
+            torch._foreach_copy_(targets, averages)
         self._after_write()
 
     @contextmanager
