@@ -1,0 +1,208 @@
+"""Hub export: model cards that say the weights are a Switch EMA average.
+
+`Trainer.create_model_card` (which `Trainer.push_to_hub` calls right before uploading ``output_dir``) rewrites
+``README.md`` from scratch, keeping only the YAML tags of an existing card. So the SEMA section is added *after* it:
+
+- `add_sema_to_model_card(output_dir, config, ...)` adds the tags ``sema`` and ``switch-ema`` to the card's YAML and
+  appends (or replaces, when run again) a "Switch EMA" section: the settings, the paper, what the weights are, and the
+  evaluation metrics of the averaged model.
+- `SEMAModelCardMixin` overrides ``create_model_card`` to do that whenever the Trainer writes a card, so
+  ``trainer.push_to_hub()`` uploads a folder whose card carries the section::
+
+      class Trainer(SEMAModelCardMixin, transformers.Trainer): ...
+
+  or use `SEMATrainer`, which is exactly that. The averaging itself is `SEMACallback`'s job; with
+  ``final_weights="ema"`` (the default) the model holds the average when training ends, so ``save_model()`` and
+  ``push_to_hub()`` write the SEMA model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import Trainer
+
+from .callback import SEMACallback
+from .config import SEMAConfig
+
+SEMA_TAGS = ("sema", "switch-ema")
+PAPER_ARXIV_ID = "2402.09240"
+PAPER_URL = f"https://arxiv.org/abs/{PAPER_ARXIV_ID}"
+SECTION_BEGIN = "<!-- sema-hf:begin -->"
+SECTION_END = "<!-- sema-hf:end -->"
+
+CITATION = """@article{li2024switch,
+  title   = {Switch EMA: A Free Lunch for Better Flatness and Sharpness},
+  author  = {Li, Siyuan and others},
+  journal = {arXiv preprint arXiv:2402.09240},
+  year    = {2024}
+}"""
+
+# Trainer bookkeeping that is not a quality metric of the model.
+_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_samples")
+
+
+def sema_model_card_section(
+    config: SEMAConfig,
+    metrics: Mapping[str, float] | None = None,
+    *,
+    num_updates: int | None = None,
+    num_switches: int | None = None,
+    averaged_numel: int | None = None,
+    model_numel: int | None = None,
+) -> str:
+    """The Markdown section (between ``SECTION_BEGIN`` and ``SECTION_END``) describing a SEMA model.
+
+    Args:
+        config: the settings the average was trained with.
+        metrics: evaluation metrics of the averaged weights (``eval_loss``, ``perplexity``...).
+        num_updates, num_switches: counts from the callback, when known.
+        averaged_numel, model_numel: elements averaged (trainable ones) and in the whole model, when known.
+    """
+    if config.switch:
+        what = (
+            f"These weights are the exponential moving average (EMA) of the training weights, kept with "
+            f"[Switch EMA]({PAPER_URL}) (SEMA; Li et al., 2024): after each optimizer step the fp32 average follows "
+            "the weights, and at every switch point the average was copied into the model, which trained on from it."
+        )
+    else:
+        what = (
+            "These weights are a plain exponential moving average (EMA) of the training weights (evaluated, never "
+            f"switched into the model; the no-switch baseline of [Switch EMA]({PAPER_URL}))."
+        )
+    if config.final_weights != "ema":
+        what += " Note: `final_weights='model'`, so the saved weights are the raw training weights, not the average."
+    lines = [SECTION_BEGIN, "## Switch EMA (SEMA)", "", what, "", "| setting | value |", "|---|---|"]
+    lines += [f"| `{name}` | `{value}` |" for name, value in config.to_dict().items()]
+    counts = []
+    if num_updates is not None:
+        counts.append(f"{num_updates:,} EMA updates")
+    if num_switches is not None:
+        counts.append(f"{num_switches:,} switches")
+    if averaged_numel is not None:
+        size = f"{averaged_numel:,} averaged elements ({averaged_numel * 4 / 2**20:.1f} MiB in fp32"
+        if model_numel:
+            size += f", {100.0 * averaged_numel / model_numel:.2f}% of the model's {model_numel:,} parameters"
+        counts.append(size + ")")
+    if counts:
+        lines += ["", "Training: " + ", ".join(counts) + "."]
+    shown = _quality_metrics(metrics or {})
+    if shown:
+        lines += ["", "Evaluation of these weights:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {_format(value)} |" for name, value in shown.items()]
+    lines += [
+        "",
+        "Trained with [sema-hf](https://pypi.org/project/sema-hf/) (`SEMACallback` for the transformers `Trainer`).",
+        "",
+        "```bibtex",
+        CITATION,
+        "```",
+        SECTION_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_sema_to_model_card(
+    output_dir: str,
+    config: SEMAConfig,
+    metrics: Mapping[str, float] | None = None,
+    **counts: int | None,
+) -> str:
+    """Add the SEMA tags and section to ``output_dir/README.md`` (created if missing); returns its path.
+
+    Running it again replaces the section rather than appending a second one. ``counts`` are the keyword arguments
+    of `sema_model_card_section` (``num_updates``, ``num_switches``, ``averaged_numel``, ``model_numel``).
+    """
+    path = os.path.join(output_dir, "README.md")
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + [tag for tag in SEMA_TAGS if tag not in tags]
+    section = sema_model_card_section(config, metrics, **counts)
+    text = card.text
+    if SECTION_BEGIN in text and SECTION_END in text:
+        head, rest = text.split(SECTION_BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.text = text
+    card.save(path)
+    return path
+
+
+def last_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The metrics of the last evaluation in ``trainer.state.log_history`` (``eval_ema_*`` preferred, renamed
+    ``eval_*``, when ``evaluate_with='both'`` logged both)."""
+    for entry in reversed(log_history):
+        ema = {"eval_" + k[len("eval_ema_") :]: v for k, v in entry.items() if k.startswith("eval_ema_")}
+        if ema:
+            return ema
+        plain = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        if plain:
+            return plain
+    return {}
+
+
+def find_sema_callback(trainer: Trainer) -> SEMACallback | None:
+    """The `SEMACallback` among ``trainer``'s callbacks, if any."""
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SEMACallback)), None)
+
+
+class SEMAModelCardMixin:
+    """Mix into a `transformers.Trainer` so every model card it writes carries the SEMA tags and section.
+
+    ``create_model_card`` (and so ``push_to_hub``, which forwards its extra keyword arguments to it) also accepts
+    ``sema_metrics``: the evaluation metrics of the averaged model to show; by default those of the last evaluation
+    in ``state.log_history`` (after training with ``final_weights='ema'``, ``trainer.evaluate()`` evaluates the
+    average). Without a `SEMACallback` among the callbacks the card is the Trainer's own.
+    """
+
+    def create_model_card(self, *args: Any, sema_metrics: Mapping[str, float] | None = None, **kwargs: Any) -> None:
+        callback = find_sema_callback(self)  # type: ignore[arg-type]
+        if callback is not None:
+            tags = kwargs.get("tags")
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            kwargs["tags"] = tags + [tag for tag in SEMA_TAGS if tag not in tags]
+        super().create_model_card(*args, **kwargs)  # type: ignore[misc]
+        if callback is None or not self.is_world_process_zero():  # type: ignore[attr-defined]
+            return
+        metrics = dict(sema_metrics) if sema_metrics is not None else last_eval_metrics(self.state.log_history)  # type: ignore[attr-defined]
+        model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        add_sema_to_model_card(
+            self.args.output_dir,  # type: ignore[attr-defined]
+            callback.config,
+            metrics,
+            num_updates=callback.num_updates if callback.store is not None else None,
+            num_switches=callback.num_switches if callback.store is not None else None,
+            averaged_numel=_numel(model, trainable_only=True) or None,
+            model_numel=_numel(model, trainable_only=False) or None,
+        )
+
+
+class SEMATrainer(SEMAModelCardMixin, Trainer):
+    """A `transformers.Trainer` whose model cards (``create_model_card``, ``push_to_hub``) describe the SEMA model.
+
+    It does no averaging itself: pass ``callbacks=[SEMACallback(...)]`` as usual.
+    """
+
+
+def _numel(model: Any, trainable_only: bool) -> int:
+    # Under DeepSpeed ZeRO-3 a partitioned parameter is empty here; `ds_numel` holds its full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _quality_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not k.endswith(_NOT_METRICS) and k not in ("epoch", "eval_epoch")
+    }
+
+
+def _format(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
