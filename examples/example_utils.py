@@ -1,0 +1,201 @@
+"""What both example scripts share: the SEMA/LoRA flags, script-level defaults, and the EMA-size report.
+
+Kept next to the scripts (not in the library) because it is about command lines, not about averaging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from sema_hf import SEMACallback, SEMAConfig
+
+logger = logging.getLogger(__name__)
+
+SEMA_MODES = ("sema", "ema", "none")
+# Default of --output_dir in the scripts: replaced by runs/<script>-<sema_mode> (see `finish_output_dir`).
+AUTO_OUTPUT_DIR = "<auto>"
+
+
+@dataclass
+class SEMAExampleArguments:
+    """How the example averages (``--sema_mode``) and whether it trains a LoRA adapter only (``--use_lora``)."""
+
+    sema_mode: str = field(
+        default="sema",
+        metadata={
+            "help": "'sema': Switch EMA (the average is evaluated, saved, and copied into the model at switch "
+            "points); 'ema': plain EMA (evaluated and saved, never switched: SEMAConfig(switch=False)); 'none': "
+            "no averaging (no callback).",
+            "choices": list(SEMA_MODES),
+        },
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (PEFT) instead of the whole model; only the adapter is averaged."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names LoRA wraps (e.g. c_attn for GPT-2, q_proj v_proj for Llama, query value for "
+            "ViT). Default: PEFT's choice for the model type."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.sema_mode not in SEMA_MODES:
+            raise ValueError(f"--sema_mode {self.sema_mode!r} is invalid: expected one of {SEMA_MODES}.")
+
+
+def sema_arguments(*others: type) -> type:
+    """`SEMAConfig` as a dataclass for `HfArgumentParser` next to ``others`` (e.g. `TrainingArguments`).
+
+    Every field keeps its name, help and default, except one whose name another dataclass already uses:
+    `TrainingArguments.warmup_steps` (the learning-rate warmup) clashes with `SEMAConfig.warmup_steps` (the decay
+    warmup), so the latter becomes ``--sema_warmup_steps``. `to_sema_config` turns the parsed values back.
+    """
+    taken = {f.name for other in others for f in fields(other)}
+    spec = []
+    for f in fields(SEMAConfig):
+        name = f"sema_{f.name}" if f.name in taken else f.name
+        help_text = f.metadata.get("help", "")
+        if name != f.name:
+            help_text = f"SEMAConfig.{f.name}. {help_text}"
+        spec.append((name, f.type, field(default=f.default, metadata={**f.metadata, "help": help_text})))
+    return make_dataclass("SEMAArguments", spec)
+
+
+def to_sema_config(values: Any) -> SEMAConfig:
+    """The validated `SEMAConfig` from an instance of the `sema_arguments` dataclass."""
+    names = {f.name for f in fields(SEMAConfig)}
+    parsed = asdict(values)
+    return SEMAConfig(**{(k[len("sema_") :] if k not in names else k): v for k, v in parsed.items()})
+
+
+def parse_args(parser: HfArgumentParser, args: list[str] | None, defaults: dict[str, Any]) -> tuple[Any, ...]:
+    """Parse ``args`` (``sys.argv[1:]`` when None) into the parser's dataclasses, with ``defaults`` overriding the
+    dataclass defaults (every flag the user passes still wins). A single ``.json`` argument is read as a file of
+    flags, as in the transformers examples."""
+    args = sys.argv[1:] if args is None else list(args)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"script defaults name unknown flags {unknown}")
+    parser.set_defaults(**defaults)
+    if len(args) == 1 and args[0].endswith(".json"):
+        with open(args[0], encoding="utf-8") as f:
+            values = json.load(f)
+        args = [item for key, value in values.items() for item in _as_flag(key, value)]
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def _as_flag(key: str, value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)]
+    return [f"--{key}", str(value)]
+
+
+def flag_given(args: list[str] | None, name: str) -> bool:
+    """Whether ``--name`` appears on the command line (``--name value`` or ``--name=value``)."""
+    args = sys.argv[1:] if args is None else args
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
+
+
+def default_device_flags() -> dict[str, Any]:
+    """``use_cpu`` when no accelerator is present, so a bare ``accelerate launch`` works on a laptop or CI box."""
+    has_accelerator = torch.cuda.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )  # MPS is left to the Trainer's own choice
+    return {"use_cpu": not has_accelerator}
+
+
+def sema_callback_for(mode: str, config: SEMAConfig) -> SEMACallback | None:
+    """The callback for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None."""
+    if mode == "none":
+        return None
+    if mode == "ema":
+        if config.switch_every_steps is not None:
+            logger.info("--sema_mode ema: switch_every_steps is ignored (plain EMA never switches).")
+        return SEMACallback(config.replace(switch=False))
+    return SEMACallback(config)
+
+
+def apply_lora(model: torch.nn.Module, args: SEMAExampleArguments, task_type: str, modules_to_save=None):
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter (and ``modules_to_save``) keeps requires_grad."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, lora)
+
+
+def numel(model: torch.nn.Module, trainable_only: bool) -> int:
+    # ZeRO-3 partitions parameters: the full size is `ds_numel`.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def report_ema_size(callback: SEMACallback | None, model: torch.nn.Module, world_size: int) -> dict[str, float]:
+    """Log (and return) how much the average costs: elements on this process and as a fraction of the model."""
+    if callback is None or callback.store is None:
+        return {}
+    total = numel(model, trainable_only=False)
+    local = callback.local_numel
+    fraction = local / total if total else 0.0
+    logger.warning(
+        f"SEMA: this process averages {local:,} elements ({local * 4 / 2**20:.2f} MiB fp32) = "
+        f"{100 * fraction:.3f}% of the model's {total:,} parameters (world size {world_size})"
+    )
+    return {"ema_numel": float(local), "ema_fraction_of_model": fraction}
+
+
+def finish_output_dir(training_args: TrainingArguments, script: str, mode: str) -> None:
+    """``--output_dir`` not given: ``runs/<script>-<sema_mode>``, so runs of different modes do not collide."""
+    if training_args.output_dir == AUTO_OUTPUT_DIR:
+        training_args.output_dir = os.path.join("runs", f"{script}-{mode}")
+
+
+def setup_logging(training_args: TrainingArguments, script_logger: logging.Logger) -> None:
+    """Log like the transformers examples: INFO on the main process, WARNING on the others."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler()],
+    )
+    level = training_args.get_process_log_level()
+    script_logger.setLevel(level)
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` when training (resumed from, as the transformers examples do)."""
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    if last is not None and training_args.resume_from_checkpoint is None:
+        logger.info(
+            f"Resuming from {last} (model, optimizer and SEMA average). Use another --output_dir to start over."
+        )
+    return last
