@@ -133,19 +133,52 @@ def sema_callback_for(mode: str, config: SEMAConfig) -> SEMACallback | None:
     return SEMACallback(config)
 
 
-def apply_lora(model: torch.nn.Module, args: SEMAExampleArguments, task_type: str, modules_to_save=None):
-    """Wrap ``model`` in a PEFT LoRA model; only the adapter (and ``modules_to_save``) keeps requires_grad."""
+def apply_lora(
+    model: torch.nn.Module,
+    args: SEMAExampleArguments,
+    task_type: str | None,
+    modules_to_save: list[str] | None = None,
+    training_args: TrainingArguments | None = None,
+    from_scratch: bool = False,
+):
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter (and ``modules_to_save``) keeps requires_grad.
+
+    A base model built here from a config has random weights that no Hub id names; with ``from_scratch`` it is
+    saved to ``output_dir/base_model`` first, and the adapter's config points there, so that
+    ``PeftModel.from_pretrained(AutoModel...from_pretrained(output_dir/base_model), output_dir)`` works.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if from_scratch and training_args is not None:
+        base_dir = os.path.join(training_args.output_dir, "base_model")
+        if training_args.should_save:
+            model.save_pretrained(base_dir)
+        model.config.name_or_path = base_dir
+        model.name_or_path = base_dir
+        logger.warning(f"LoRA on a model built from a config: its random base weights are saved to {base_dir}")
+    targets = args.lora_target_modules or default_lora_targets(model)
     lora = LoraConfig(
         task_type=task_type,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
+        target_modules=targets,
         modules_to_save=modules_to_save,
     )
     return get_peft_model(model, lora)
+
+
+LORA_TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
+
+
+def default_lora_targets(model: torch.nn.Module) -> list[str] | None:
+    """The attention query/value projections by their usual names (PEFT has no default for every model type,
+    e.g. ViT in transformers 5); None leaves the choice to PEFT."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for candidate in LORA_TARGET_CANDIDATES:
+        if set(candidate) <= names:
+            return list(candidate)
+    return None
 
 
 def numel(model: torch.nn.Module, trainable_only: bool) -> int:

@@ -166,7 +166,14 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     total_params = numel(model, trainable_only=False)
     if example_args.use_lora:
         # The classification head is new: train it fully next to the adapter (it is averaged too).
-        model = apply_lora(model, example_args, task_type=None, modules_to_save=["classifier"])
+        model = apply_lora(
+            model,
+            example_args,
+            None,
+            modules_to_save=["classifier"],
+            training_args=training_args,
+            from_scratch=model_args.model_name_or_path is None,
+        )
     trainable = numel(model, trainable_only=True)
     logger.warning(
         f"Model: {total_params:,} parameters, {trainable:,} trainable ({100 * trainable / max(total_params, 1):.3f}%)"
