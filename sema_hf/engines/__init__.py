@@ -1,6 +1,16 @@
 """Engine adapters: which tensors a rank's optimizer updates and what a switch must write, one small file each.
 
-`detect_engine` picks the adapter from the objects the Trainer hands to callbacks.
+`detect_engine` picks the adapter from the objects the Trainer hands to callbacks:
+
+==========================  ========================  =================================================
+engine                      adapter                   what a rank averages
+==========================  ========================  =================================================
+one process, DDP            `LocalAdapter`            the full parameters
+FSDP2 (``fully_shard``)     `FSDP2Adapter`            its ``Shard(0)`` block of each DTensor parameter
+FSDP1                       `FSDP1Adapter`            its pieces of each unit's local flat shard
+DeepSpeed ZeRO-1/2          `ZeroPartitionAdapter`    its fp32 partition of each flat parameter group
+DeepSpeed ZeRO-3            `Zero3Adapter`            its fp32 block of each parameter
+==========================  ========================  =================================================
 """
 
 from __future__ import annotations
@@ -16,26 +26,44 @@ __all__ = ["EngineAdapter", "Layout", "LocalAdapter", "Slot", "detect_engine", "
 def detect_engine(model: nn.Module, optimizer: object | None = None, include_buffers: bool = False) -> EngineAdapter:
     """The adapter for this ``model`` / ``optimizer`` pair (accelerate's optimizer wrapper or the inner one).
 
-    Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average correctly.
+    ``model`` is what the Trainer passes to callbacks: the FSDP-wrapped model under FSDP, the user's model under
+    DeepSpeed and DDP. Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average correctly.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
-    if _is_deepspeed_zero(inner):
-        raise NotImplementedError(
-            f"SEMA: DeepSpeed ZeRO optimizer {type(inner).__name__} is not supported by this build of sema_hf."
-        )
-    if _has_fsdp(model):
-        raise NotImplementedError("SEMA: FSDP-sharded models are not supported by this build of sema_hf.")
+    sharded = None
+    if inner is not None and type(inner).__module__.startswith("deepspeed."):
+        from .deepspeed import deepspeed_adapter
+
+        sharded = deepspeed_adapter(model, inner)
+    elif _has_dtensor_params(model) or _has_fsdp1(model):
+        from .fsdp import FSDP1Adapter, FSDP2Adapter, is_fsdp1, is_fsdp2
+
+        if is_fsdp1(model):
+            sharded = FSDP1Adapter(model)
+        elif is_fsdp2(model):
+            sharded = FSDP2Adapter(model)
+        else:
+            raise NotImplementedError(
+                "SEMA: the model has DTensor parameters but is not sharded by FSDP (tensor parallelism?); "
+                "only FSDP1, FSDP2 and DeepSpeed ZeRO sharding are supported."
+            )
+    if sharded is not None:
+        if include_buffers:
+            raise NotImplementedError(
+                f"SEMA: include_buffers=True is not supported under {sharded.name}: buffers are not sharded and each "
+                "rank's copy may differ; average parameters only (include_buffers=False)."
+            )
+        return sharded
     return LocalAdapter(model, include_buffers=include_buffers)
 
 
-def _is_deepspeed_zero(optimizer: object | None) -> bool:
-    return optimizer is not None and type(optimizer).__module__.startswith("deepspeed.")
-
-
-def _has_fsdp(model: nn.Module) -> bool:
+def _has_dtensor_params(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    for module in model.modules():
-        if type(module).__name__ == "FullyShardedDataParallel" or type(module).__name__.startswith("FSDP"):
-            return True
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _has_fsdp1(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
