@@ -10,18 +10,24 @@ Inside a Trainer checkpoint folder ``checkpoint-N/``::
 Every file is written to a temporary name, flushed to disk and renamed into place, and the JSON is written last,
 after all ranks finished their shard: a crash mid-save never leaves a half-written file under a final name, and
 a folder without ``sema_state.json`` holds no EMA state. No pickle: tensors in safetensors, the rest in JSON.
+
+Each file's safetensors header holds its rank's `Layout`, including (sharded engines) which range of each
+flattened parameter each tensor is. That makes the files re-shardable: a run with another world size or another
+engine (ZeRO-3 to FSDP2, 2 ranks to 1...) assembles its own pieces from the ranges the saved files hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .engines.base import Layout
@@ -126,22 +132,94 @@ def read_ema_state(directory: str) -> dict[str, Any]:
 
 
 def load_ema_checkpoint(directory: str, layout: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's averages and the saved JSON, after checking that they fit the current ``layout``."""
+    """This rank's averages and the saved JSON, after checking that they fit the current ``layout``.
+
+    When the averages were saved with the same placement (same engine pieces on the same world size), this rank
+    reads its own file. Otherwise (another world size, another sharded engine, sharded to one process or back) the
+    averages are re-sharded: every layout records which range of each flattened parameter each file holds, and
+    this rank copies the ranges it now owns out of the files that hold them, one saved tensor at a time.
+    """
     state = read_ema_state(directory)
-    if [list(p) for p in state["params"]] != [list(p) for p in layout.params]:
+    if _param_map(state["params"]) != _param_map(layout.params):
         raise ValueError(_describe_param_mismatch(directory, state["params"], layout.params))
-    if layout.sharded and state["world_size"] != layout.world_size:
-        raise ValueError(
-            f"EMA state in {directory!r} was sharded over {state['world_size']} ranks by {state['engine']!r}; "
-            f"this run has {layout.world_size} ranks. Resume with world size {state['world_size']}."
-        )
     num_shards = state["num_shards"]
-    shard = layout.rank if layout.sharded else 0
+    if not layout.sharded and not state["sharded"]:
+        return _load_shard(directory, 0, num_shards), state
+    if layout.sharded and state["sharded"] and state["world_size"] == layout.world_size:
+        saved = _shard_layout(directory, layout.rank, num_shards)
+        if "pieces" not in saved.get("extra", {}) or _pieces(saved) == _pieces(asdict(layout)):
+            return _load_shard(directory, layout.rank, num_shards), state
+    return _reshard(directory, num_shards, layout, state), state
+
+
+def _param_map(params: list) -> dict[str, list[int]]:
+    return {name: list(shape) for name, shape in params}
+
+
+def _load_shard(directory: str, shard: int, num_shards: int) -> dict[str, torch.Tensor]:
     path = os.path.join(directory, shard_file_name(shard, num_shards))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EMA shard file {path!r} is missing (its JSON names {num_shards} shard files)")
-    tensors = load_file(path, device="cpu")
-    return tensors, state
+    return load_file(path, device="cpu")
+
+
+def _shard_layout(directory: str, shard: int, num_shards: int) -> dict[str, Any]:
+    """The `Layout` (as a dict) stored in a shard file's safetensors header."""
+    path = os.path.join(directory, shard_file_name(shard, num_shards))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EMA shard file {path!r} is missing (its JSON names {num_shards} shard files)")
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {})["layout"])
+
+
+def _pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """``(name, start, stop)``: which range of which flattened tensor each saved/averaged tensor holds. Sharded
+    adapters record it in ``extra["pieces"]``; an unsharded layout holds every tensor whole."""
+    if "pieces" in layout.get("extra", {}):
+        return [(str(n), int(a), int(b)) for n, a, b in layout["extra"]["pieces"]]
+    if layout["sharded"]:
+        raise ValueError("a sharded EMA layout without piece ranges cannot be re-sharded")
+    return [(str(n), 0, math.prod(shape)) for n, shape in layout["slots"]]
+
+
+def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Assemble this rank's averages (per ``layout``) from the ranges held by all saved shard files."""
+    try:
+        wanted = _pieces(asdict(layout))
+        saved_layouts = [_shard_layout(directory, k, num_shards) for k in range(num_shards)]
+        saved_pieces = [_pieces(saved) for saved in saved_layouts]
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"EMA state in {directory!r} was saved by {state['engine']!r} over {state['world_size']} ranks and this "
+            f"run ({layout.engine!r}, {layout.world_size} ranks) places the averages differently, but the saved "
+            f"files do not record where their ranges lie ({err}). Resume with world size {state['world_size']} "
+            f"and the same engine."
+        ) from None
+    shapes = dict(layout.slots)
+    out = {name: torch.empty(shapes[name], dtype=torch.float32) for name, _, _ in wanted}
+    covered = dict.fromkeys(out, 0)
+    targets: dict[str, list[tuple[int, int]]] = {}
+    for name, start, stop in wanted:
+        targets.setdefault(name, []).append((start, stop))
+    for k, pieces in enumerate(saved_pieces):
+        overlapping = [(n, a, b) for n, a, b in pieces if any(s < b and a < e for s, e in targets.get(n, []))]
+        if not overlapping:
+            continue
+        with safe_open(os.path.join(directory, shard_file_name(k, num_shards)), framework="pt") as f:
+            for name, a, b in overlapping:
+                saved = f.get_tensor(name).reshape(-1)
+                for start, stop in targets[name]:
+                    lo, hi = max(a, start), min(b, stop)
+                    if lo < hi:
+                        out[name].view(-1)[lo - start : hi - start].copy_(saved[lo - a : hi - a])
+                        covered[name] += hi - lo
+    missing = [name for name, start, stop in wanted if covered[name] != stop - start]
+    if missing:
+        raise ValueError(
+            f"EMA state in {directory!r} does not cover this rank's averages after re-sharding: {missing[:10]} "
+            "(overlapping or missing ranges in the saved files)"
+        )
+    return out
 
 
 def _describe_param_mismatch(directory: str, saved: list, current: list) -> str:
