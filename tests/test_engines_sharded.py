@@ -18,7 +18,7 @@ from transformers import Trainer
 
 from sema_hf import SEMACallback
 from sema_hf.checkpoint import load_ema_checkpoint, save_ema_checkpoint
-from sema_hf.engines import LocalAdapter
+from sema_hf.engines import LocalAdapter, detect_engine
 from sema_hf.engines.base import Layout
 from sema_hf.engines.shards import FlatEntry, block_range, partition_ranges
 
@@ -129,6 +129,14 @@ def test_checkpoint_of_another_model_is_refused_before_resharding(tmp_path):
     other = [("w", [5])]
     with pytest.raises(ValueError, match="shape mismatches"):
         load_ema_checkpoint(str(tmp_path), Layout("local", 1, 0, sharded=False, slots=other, params=other))
+
+
+def test_zero3_partitioned_parameters_without_their_zero_optimizer_are_refused():
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p.ds_tensor = p.data.view(-1)[:1]  # what ZeRO-3 leaves on a parameter; the full data would then be empty
+    with pytest.raises(NotImplementedError, match="no ZeRO-3 optimizer was given"):
+        detect_engine(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 # ---- real engines, 2 ranks -----------------------------------------------------------------------------------------

@@ -29,12 +29,12 @@ def detect_engine(model: nn.Module, optimizer: object | None = None, include_buf
     ``model`` is what the Trainer passes to callbacks: the FSDP-wrapped model under FSDP, the user's model under
     DeepSpeed and DDP. Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average correctly.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
     sharded = None
-    if inner is not None and type(inner).__module__.startswith("deepspeed."):
+    zero = next((o for o in _optimizer_chain(optimizer) if type(o).__module__.startswith("deepspeed.")), None)
+    if zero is not None:
         from .deepspeed import deepspeed_adapter
 
-        sharded = deepspeed_adapter(model, inner)
+        sharded = deepspeed_adapter(model, zero)
     elif _has_dtensor_params(model) or _has_fsdp1(model):
         from .fsdp import FSDP1Adapter, FSDP2Adapter, is_fsdp1, is_fsdp2
 
@@ -47,6 +47,11 @@ def detect_engine(model: nn.Module, optimizer: object | None = None, include_buf
                 "SEMA: the model has DTensor parameters but is not sharded by FSDP (tensor parallelism?); "
                 "only FSDP1, FSDP2 and DeepSpeed ZeRO sharding are supported."
             )
+    if sharded is None and any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        raise NotImplementedError(
+            "SEMA: the model's parameters are partitioned by DeepSpeed ZeRO-3, but no ZeRO-3 optimizer was given; "
+            "pass the optimizer returned by deepspeed.initialize (the Trainer passes it to callbacks)."
+        )
     if sharded is not None:
         if include_buffers:
             raise NotImplementedError(
@@ -55,6 +60,15 @@ def detect_engine(model: nn.Module, optimizer: object | None = None, include_buf
             )
         return sharded
     return LocalAdapter(model, include_buffers=include_buffers)
+
+
+def _optimizer_chain(optimizer: object | None, depth: int = 4) -> list[object]:
+    """``optimizer`` and the optimizers it wraps (accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's)."""
+    chain = []
+    while optimizer is not None and len(chain) < depth:
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
 
 
 def _has_dtensor_params(model: nn.Module) -> bool:
