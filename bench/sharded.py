@@ -1,0 +1,226 @@
+"""Sharded EMA on 2 ranks: SEMA's shard-local average against a gather-every-step EMA, under ZeRO-3 and FSDP2.
+
+What is compared, in the same processes, round by round:
+
+* ``sema_hf``: the engine adapter (`detect_engine`) and `EMAStore` over this rank's shard of the fp32 master weights
+  (ZeRO-3: the optimizer's ``fp32_partitioned_groups_flat``; FSDP2: each DTensor's local ``Shard(0)`` block). An
+  update is one fused lerp over ``numel / world_size`` elements, with no communication.
+* ``gather-every-step``: a full fp32 shadow copy of every parameter on every rank, updated by gathering each
+  parameter on every step, the way diffusers' ``EMAModel.step`` runs under ZeRO-3 (one
+  ``deepspeed.zero.GatheredParameters(param)`` per parameter, then an update of the full shadow). Under FSDP2 the
+  same idea is ``DTensor.full_tensor()`` per parameter. The update itself is an in-place ``lerp_`` (kinder than
+  diffusers' ``s.sub_((1 - m) * (s - p))``, which allocates two temporaries per parameter), so the gap shown is the
+  cost of gathering and of holding the full copy, not of arithmetic.
+
+Reported per rank: the bytes of EMA state held, the largest transient buffer an update needs (the gathered parameter
+for gather-every-step, nothing for ours), and the update time (median, min, max over the rounds; every round starts
+after a barrier so that both ranks measure the same thing).
+
+Run: ``python bench/sharded.py [--model gpt2-small] [--rounds 7] [--engines zero3,fsdp2] [--json out.json]``
+(relaunches itself on 2 CPU ranks with torchrun and gloo; or start it with ``torchrun --nproc_per_node 2`` yourself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sema_hf.engines import detect_engine  # noqa: E402
+from sema_hf.store import EMAStore  # noqa: E402
+
+DECAY = 0.999
+MODELS = {
+    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
+    "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257, "n_positions": 1024},
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64},
+}
+
+
+def build_model(name: str) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**MODELS[name]))
+
+
+# ---- engines -------------------------------------------------------------------------------------------------------
+def zero3(model: nn.Module):
+    """ZeRO-3 over the 2 ranks; returns the module (parameters partitioned) and the ZeRO optimizer."""
+    import deepspeed
+
+    config = {
+        "train_batch_size": dist.get_world_size(),
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine.module, optimizer
+
+
+def fsdp2(model: nn.Module):
+    """FSDP2 (``fully_shard`` on every block and on the root) over the 2 ranks, with a plain AdamW."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+# ---- the two EMAs --------------------------------------------------------------------------------------------------
+class GatherEveryStep:
+    """A full fp32 shadow of every parameter on every rank; each update gathers each parameter first."""
+
+    def __init__(self, model: nn.Module, gather: Callable[[nn.Parameter], object]) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.gather = gather
+        self.shadow: list[torch.Tensor] = []
+        self.largest_gather = 0
+        with torch.no_grad():
+            for p in self.params:
+                with self.gather(p) as full:
+                    self.shadow.append(full.detach().float().clone())
+                    self.largest_gather = max(self.largest_gather, full.numel() * full.element_size())
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for shadow, p in zip(self.shadow, self.params, strict=True):
+            with self.gather(p) as full:
+                shadow.lerp_(full, 1.0 - decay)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.shadow)
+
+
+class _Gathered:
+    """``with _Gathered(p) as full``: the full parameter, gathered for the block (FSDP2: ``full_tensor()``)."""
+
+    def __init__(self, param: nn.Parameter, kind: str) -> None:
+        self.param, self.kind, self._ctx = param, kind, None
+
+    def __enter__(self) -> torch.Tensor:
+        if self.kind == "zero3":
+            import deepspeed
+
+            self._ctx = deepspeed.zero.GatheredParameters(self.param, modifier_rank=None)
+            self._ctx.__enter__()
+            return self.param.data
+        return self.param.full_tensor()
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_engine(kind: str, model_name: str, rounds: int) -> list[dict]:
+    model = build_model(model_name)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    module, optimizer = zero3(model) if kind == "zero3" else fsdp2(model)
+    adapter = detect_engine(module, optimizer)
+    store = EMAStore(adapter.slots(), after_write=adapter.after_write)
+    baseline = GatherEveryStep(module, lambda p: _Gathered(p, kind))
+    times: dict[str, list[float]] = {"sema_hf": [], "gather-every-step": []}
+    for r in range(rounds + 1):  # round 0 warms up
+        order = [("sema_hf", store.update), ("gather-every-step", baseline.update)]
+        for name, update in order if r % 2 else order[::-1]:
+            elapsed = timed(lambda update=update: update(DECAY))
+            if r:
+                times[name].append(elapsed)
+    state = {"sema_hf": store.local_numel * 4, "gather-every-step": baseline.state_bytes}
+    transient = {"sema_hf": 0, "gather-every-step": baseline.largest_gather}
+    rows = []
+    for name in times:
+        rows.append(
+            {
+                "engine": kind,
+                "method": name,
+                "rank": dist.get_rank(),
+                "params": total,
+                "ema_bytes": state[name],
+                "transient_bytes": transient[name],
+                "median_ms": 1e3 * statistics.median(times[name]),
+                "min_ms": 1e3 * min(times[name]),
+                "max_ms": 1e3 * max(times[name]),
+            }
+        )
+    del store, baseline, module, optimizer, adapter
+    return rows
+
+
+def print_table(rows: list[dict], model: str, rounds: int) -> None:
+    mib = 2**20
+    print(
+        f"\nSharded EMA, {model} ({rows[0]['params'] / 1e6:.1f}M trainable), 2 ranks (gloo, CPU, 1 thread each), "
+        f"decay {DECAY}, {rounds} rounds, torch {torch.__version__}\n"
+    )
+    print("| engine | EMA | rank | EMA state per rank | transient per update | update median (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["engine"], r["method"] != "sema_hf", r["rank"])):
+        print(
+            f"| {row['engine']} | {row['method']} | {row['rank']} | {row['ema_bytes'] / mib:.1f} MiB | "
+            f"{row['transient_bytes'] / mib:.1f} MiB | {row['median_ms']:.1f} ms "
+            f"({row['min_ms']:.1f}-{row['max_ms']:.1f}) |"
+        )
+
+
+def worker(args: argparse.Namespace) -> None:
+    dist.init_process_group("gloo")
+    rows: list[dict] = []
+    for kind in args.engines.split(","):
+        rows += bench_engine(kind, args.model, args.rounds)
+    gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, rows)
+    if dist.get_rank() == 0:
+        every = [row for rank_rows in gathered for row in rank_rows]
+        print_table(every, args.model, args.rounds)
+        if args.json:
+            Path(args.json).write_text(json.dumps(every, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(argv: list[str]) -> int:
+    """Start this script on 2 ranks with torchrun (gloo on CPU, one thread per rank)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    return subprocess.call([*cmd, f"--master_port={port}", __file__, *argv], env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--engines", default="zero3,fsdp2")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    if "RANK" not in os.environ:
+        sys.exit(launch(sys.argv[1:]))
+    worker(args)
+
+
+if __name__ == "__main__":
+    main()
