@@ -85,20 +85,28 @@ def to_sema_config(values: Any) -> SEMAConfig:
     return SEMAConfig(**{(k[len("sema_") :] if k not in names else k): v for k, v in parsed.items()})
 
 
-def parse_args(parser: HfArgumentParser, args: list[str] | None, defaults: dict[str, Any]) -> tuple[Any, ...]:
+def parse_args(
+    parser: HfArgumentParser,
+    args: list[str] | None,
+    defaults: dict[str, Any],
+    from_scratch_defaults: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:
     """Parse ``args`` (``sys.argv[1:]`` when None) into the parser's dataclasses, with ``defaults`` overriding the
-    dataclass defaults (every flag the user passes still wins). A single ``.json`` argument is read as a file of
-    flags, as in the transformers examples."""
+    dataclass defaults (every flag the user passes still wins), plus ``from_scratch_defaults`` when no
+    ``--model_name_or_path`` is given (e.g. a higher learning rate than fine-tuning wants). A single ``.json``
+    argument is read as a file of flags, as in the transformers examples."""
     args = sys.argv[1:] if args is None else list(args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        with open(args[0], encoding="utf-8") as f:
+            values = json.load(f)
+        args = [item for key, value in values.items() for item in _as_flag(key, value)]
+    if from_scratch_defaults and not flag_given(args, "model_name_or_path"):
+        defaults = {**defaults, **from_scratch_defaults}
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise ValueError(f"script defaults name unknown flags {unknown}")
     parser.set_defaults(**defaults)
-    if len(args) == 1 and args[0].endswith(".json"):
-        with open(args[0], encoding="utf-8") as f:
-            values = json.load(f)
-        args = [item for key, value in values.items() for item in _as_flag(key, value)]
     return parser.parse_args_into_dataclasses(args=args)
 
 

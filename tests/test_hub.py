@@ -1,0 +1,40 @@
+"""sema_hf.hub: the SEMA section and tags of model cards (the Trainer path is covered in test_examples.py)."""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard
+
+from sema_hf import SEMAConfig
+from sema_hf.hub import SECTION_BEGIN, SECTION_END, add_sema_to_model_card, last_eval_metrics
+
+
+def test_add_sema_to_model_card_keeps_the_card_and_merges_tags(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- generated_from_trainer\n---\n\n# my model\n")
+    add_sema_to_model_card(str(tmp_path), SEMAConfig(decay=0.995), {"eval_loss": 1.5, "eval_runtime": 3.0})
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.license == "mit"
+    assert card.data.tags == ["generated_from_trainer", "sema", "switch-ema"]
+    assert card.text.index("# my model") < card.text.index(SECTION_BEGIN)
+    assert "| `decay` | `0.995` |" in card.text and "| eval_loss | 1.5000 |" in card.text
+    assert "eval_runtime" not in card.text and "arxiv.org/abs/2402.09240" in card.text
+
+
+def test_add_sema_to_model_card_twice_replaces_the_section(tmp_path):
+    add_sema_to_model_card(str(tmp_path), SEMAConfig(), {"eval_loss": 2.0}, num_switches=1)
+    add_sema_to_model_card(str(tmp_path), SEMAConfig(switch=False), {"eval_loss": 1.0}, num_switches=0)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count(SECTION_BEGIN) == 1 and text.count(SECTION_END) == 1
+    assert "| eval_loss | 1.0000 |" in text and "2.0000" not in text
+    assert "plain exponential moving average" in text and "0 switches" in text
+    assert ModelCard.load(tmp_path / "README.md").data.tags == ["sema", "switch-ema"]
+
+
+def test_last_eval_metrics_prefers_the_ema_evaluation():
+    history = [
+        {"loss": 3.0, "step": 1},
+        {"eval_loss": 2.0, "eval_ema_loss": 1.8, "step": 2},
+        {"loss": 2.5, "step": 3},
+    ]
+    assert last_eval_metrics(history) == {"eval_loss": 1.8}
+    assert last_eval_metrics([{"eval_loss": 2.0}, {"loss": 1.0}]) == {"eval_loss": 2.0}
+    assert last_eval_metrics([{"loss": 1.0}]) == {}
