@@ -119,7 +119,7 @@ class FSDP1Adapter(ShardedAdapter):
                 )
             group = handle.process_group if group is None else group
             flat = handle.flat_param
-            shard = self._local_shard(model, handle)
+            shard = self._local_shard(handle)
             for i, info in enumerate(flat._shard_param_infos):
                 param_info = flat._param_infos[i]
                 name = clean_name(f"{prefix}.{flat._fqns[i]}" if prefix else flat._fqns[i])
@@ -149,12 +149,17 @@ class FSDP1Adapter(ShardedAdapter):
         return handle.flat_param.requires_grad
 
     @staticmethod
-    def _local_shard(model: nn.Module, handle) -> torch.Tensor:
-        """The memory the optimizer updates. FSDP1 sets ``_local_shard`` at its lazy init (the first forward);
-        with parameter CPU offload that init moves the shard to pinned memory, so run it now."""
+    def _local_shard(handle) -> torch.Tensor:
+        """The memory the optimizer updates: ``_local_shard``, which FSDP1 sets at its lazy init (the first forward)
+        to the flat parameter's sharded data. With parameter CPU offload that init moves the shard into pinned
+        memory, so an average bound before it would follow a dead copy."""
         flat = handle.flat_param
-        if not hasattr(flat, "_local_shard") and handle._offload_params:
-            from torch.distributed.fsdp._runtime_utils import _lazy_init
-
-            _lazy_init(model, model)
-        return flat._local_shard if hasattr(flat, "_local_shard") else flat.data
+        if hasattr(flat, "_local_shard"):
+            return flat._local_shard
+        if handle._offload_params:
+            raise NotImplementedError(
+                "SEMA: FSDP1 with parameter CPU offload moves its shards at the first forward, after the callback "
+                "binds the average; use FSDP2 (fully_shard, whose offloaded shards stay put) or FSDP1 without "
+                "offload_params."
+            )
+        return flat.data
