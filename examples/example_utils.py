@@ -130,6 +130,23 @@ def default_device_flags() -> dict[str, Any]:
     return {"use_cpu": not has_accelerator}
 
 
+def init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """Initialize ``deepspeed.comm`` before a model is built under ``--deepspeed``.
+
+    Under ZeRO-3, transformers builds models inside ``deepspeed.zero.Init``, which sizes the batch from
+    ``deepspeed.comm``'s world size; on CPU (``use_cpu``) nothing has initialized it yet at that point, so it sees one
+    rank and fails its batch-size check. It wraps the process group the Trainer's arguments already set up (gloo on
+    CPU).
+    """
+    if not training_args.deepspeed:
+        return
+    import deepspeed
+
+    training_args.world_size  # noqa: B018 - sets up torch.distributed (as the Trainer would)
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else None)
+
+
 def sema_callback_for(mode: str, config: SEMAConfig) -> SEMACallback | None:
     """The callback for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None."""
     if mode == "none":

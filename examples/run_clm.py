@@ -42,6 +42,7 @@ from example_utils import (
     apply_lora,
     default_device_flags,
     finish_output_dir,
+    init_deepspeed_comm,
     last_checkpoint,
     numel,
     parse_args,
@@ -228,6 +229,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     logger.info(f"SEMA mode {example_args.sema_mode}, {sema_config}")
 
     resume_from = last_checkpoint(training_args)
+    init_deepspeed_comm(training_args)
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args, model_args)

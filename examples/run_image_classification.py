@@ -35,6 +35,7 @@ from example_utils import (
     apply_lora,
     default_device_flags,
     finish_output_dir,
+    init_deepspeed_comm,
     last_checkpoint,
     numel,
     parse_args,
@@ -160,6 +161,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     finish_output_dir(training_args, "run_image_classification", example_args.sema_mode)
     setup_logging(training_args, logger)
     logger.info(f"SEMA mode {example_args.sema_mode}, {sema_config}")
+    init_deepspeed_comm(training_args)
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args, model_args)
