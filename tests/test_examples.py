@@ -198,7 +198,7 @@ def test_push_to_hub_uploads_the_sema_model_with_its_card(clm_run, captured, tmp
     card = _card(folder)
     assert set(SEMA_TAGS) <= set(card.data.tags)
     assert SECTION_BEGIN in card.text and "https://arxiv.org/abs/2402.09240" in card.text
-    assert "| `decay` | `0.99` |" in card.text and f"| eval_loss | {metrics['eval_loss']:.4f} |" in card.text
+    assert "| `decay` | `0.95` |" in card.text and f"| eval_loss | {metrics['eval_loss']:.4f} |" in card.text
 
 
 def test_run_image_classification_saves_the_sema_vit_and_its_accuracy(captured, tmp_path):
