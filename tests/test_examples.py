@@ -29,10 +29,10 @@ import run_image_classification  # noqa: E402
 from sema_hf import SEMACallback  # noqa: E402
 from sema_hf.hub import SECTION_BEGIN, SEMA_TAGS  # noqa: E402
 
-# A GPT-2 of ~20k parameters and a 300-token BPE: a run of a few steps takes seconds.
-TINY_CLM = [
-    "--config_overrides", "n_embd=16,n_layer=1,n_head=2,n_positions=64",
-    "--embedded_vocab_size", "300",
+# A GPT-2 of ~9k parameters and a 300-token BPE (for runs from scratch) ...
+TINY_GPT2 = ["--config_overrides", "n_embd=16,n_layer=1,n_head=2,n_positions=64", "--embedded_vocab_size", "300"]
+# ... and a run of a few steps: seconds.
+TINY_RUN = [
     "--block_size", "32",
     "--max_train_samples", "32",
     "--max_eval_samples", "8",
@@ -43,6 +43,7 @@ TINY_CLM = [
     "--warmup_steps", "0",
     "--disable_tqdm", "True",
 ]  # fmt: skip
+TINY_CLM = TINY_GPT2 + TINY_RUN
 TINY_VIT = [
     "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
     "--max_train_samples", "64",
@@ -119,7 +120,7 @@ def test_run_clm_saves_the_sema_model_and_reports_its_perplexity(clm_run):
 def test_run_clm_sema_mode_ema_never_switches_and_none_has_no_callback(clm_run, captured, tmp_path, mode, switches):
     pretrained, _, _ = clm_run
     out = str(tmp_path / mode)
-    args = ["--model_name_or_path", pretrained, "--output_dir", out, "--sema_mode", mode, *TINY_CLM[4:]]
+    args = ["--model_name_or_path", pretrained, "--output_dir", out, "--sema_mode", mode, *TINY_RUN]
     metrics = run_clm.main(args)
     assert "eval_loss" in metrics
     card = _card(out)
@@ -138,7 +139,7 @@ def test_run_clm_lora_averages_only_the_adapter_and_saves_its_average(clm_run, c
 
     pretrained, _, _ = clm_run
     out = str(tmp_path / "lora")
-    args = ["--model_name_or_path", pretrained, "--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_CLM[4:]]
+    args = ["--model_name_or_path", pretrained, "--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_RUN]
     metrics = run_clm.main(args + ["--lora_target_modules", "c_attn", "c_proj"])
     (callback,) = captured
     assert 0 < metrics["ema_fraction_of_model"] < 0.5
@@ -153,10 +154,9 @@ def test_run_clm_lora_averages_only_the_adapter_and_saves_its_average(clm_run, c
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
 
 
-def test_push_to_hub_uploads_the_sema_model_with_its_card(clm_run, captured, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_sema_model_with_its_card(captured, tmp_path, monkeypatch):
     """No network: the Trainer's Hub calls are intercepted on `huggingface_hub.HfApi`, and the folder it would
     upload is copied aside at the moment of the call."""
-    pretrained, _, _ = clm_run
     sent, repos = [], []
 
     def fake_create_repo(self, repo_id, **kwargs):
@@ -184,13 +184,15 @@ def test_push_to_hub_uploads_the_sema_model_with_its_card(clm_run, captured, tmp
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", no_network)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", no_network)
     out = str(tmp_path / "push")
-    args = ["--model_name_or_path", pretrained, "--output_dir", out, *TINY_CLM[4:]]
+    args = ["--output_dir", out, *TINY_CLM]
     metrics = run_clm.main(args + ["--push_to_hub", "--hub_model_id", "someone/tiny-sema", "--hub_token", "fake"])
 
     assert repos == ["someone/tiny-sema"]
     repo_id, folder, message = sent[-1]
     assert repo_id == "someone/tiny-sema" and message == "End of training"
     (callback,) = captured
+    # The tokenizer cache (_tokenizer-bpe300/) stays local; the tokenizer itself is saved next to the model.
+    assert os.path.isdir(os.path.join(out, "_tokenizer-bpe300"))
     assert not any(name.startswith(("checkpoint-", "_")) for name in os.listdir(folder))
     _assert_equal_to_ema(load_file(os.path.join(folder, "model.safetensors")), callback)
     run_clm.AutoModelForCausalLM.from_pretrained(folder)
