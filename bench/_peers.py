@@ -70,7 +70,10 @@ def build_timm(model: nn.Module, decay: float) -> Candidate:
     # exclude_buffers=True walks model.parameters(): each tied tensor once. The default walks state_dict(), which
     # updates GPT-2's tied embedding twice per step.
     dtype = torch.float32 if _fp32_average(model) else None
-    ema = model_ema.ModelEmaV3(model, decay=decay, dtype=dtype, foreach=True, exclude_buffers=True)
+    try:
+        ema = model_ema.ModelEmaV3(model, decay=decay, dtype=dtype, foreach=True, exclude_buffers=True)
+    except TypeError as e:  # timm before 1.0 lacks dtype= / exclude_buffers=
+        raise Unavailable(f"this timm's ModelEmaV3 cannot keep an fp32 average of parameters only: {e}") from e
     return Candidate("timm", lambda: ema.update(model), None, "ModelEmaV3(foreach, exclude_buffers); no switch API")
 
 

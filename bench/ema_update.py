@@ -18,8 +18,10 @@ Candidates (``bench/_peers.py``): ``sema_hf`` (our `EMAStore` over the model's p
 with the reason when not installed or not able to keep an fp32 average of bf16 weights), ``bound``, and
 ``sema_hf[flat-params]``: our store over a copy of the model whose parameters the benchmark re-pointed into one
 contiguous buffer, to show how much of the gap to the bound is per-tensor overhead. Each round runs every candidate
-in a rotated order; the table reports median, min and max over all calls, the ratio to the bound, the effective
-bandwidth (ideal bytes / median), and, from one profiled call, the bytes allocated and the ``.item()`` host syncs.
+in a rotated order; the table reports median, min and max over all calls, the ratio to the bound (the median over
+rounds of the ratio of the round medians, so that load from other processes that comes and goes cancels), the
+effective bandwidth (ideal bytes / median), and, from one profiled call, the bytes allocated and the ``.item()``
+host syncs.
 
 Run: ``python bench/ema_update.py [--quick] [--json out.json] [--models gpt2-small,vit-base,many-small]``.
 """
@@ -115,22 +117,36 @@ class Row:
     dtype: str
     op: str
     impl: str
-    times_ms: list[float] = field(default_factory=list)
+    rounds_ms: list[list[float]] = field(default_factory=list)  # per round, the times of its calls
     numel: int = 0
     note: str = ""
     skipped: str = ""
     alloc_bytes: int | None = None
     host_syncs: int | None = None
-    bound_ms: float | None = None
+    bound: Row | None = None
     scale: float = 1.0  # a derived row's times are its basis' times x scale
 
     @property
+    def times_ms(self) -> list[float]:
+        return [t * self.scale for calls in self.rounds_ms for t in calls]
+
+    @property
     def median_ms(self) -> float:
-        return statistics.median(self.times_ms) * self.scale
+        return statistics.median(self.times_ms)
+
+    def round_median_ms(self, r: int) -> float:
+        return statistics.median(self.rounds_ms[r]) * self.scale
+
+    def ratio_to(self, other: Row) -> float:
+        """Median over rounds of (this row's median / the other row's median in the same round): load that comes and
+        goes between rounds cancels out."""
+        rounds = range(len(self.rounds_ms))
+        return statistics.median(self.round_median_ms(r) / other.round_median_ms(r) for r in rounds)
 
     @property
     def ratio(self) -> float:
-        return self.median_ms / self.bound_ms
+        assert self.bound is not None
+        return self.ratio_to(self.bound)
 
     @property
     def gb_per_s(self) -> float:
@@ -172,8 +188,8 @@ def _profile_one_call(fn: Callable[[], None], device: torch.device) -> tuple[int
 
 def run_rounds(
     candidates: dict[str, Callable[[], None]], rounds: int, target_s: float, device: torch.device
-) -> dict[str, list[float]]:
-    """Time every candidate call by call, in a rotated order each round; returns milliseconds per call."""
+) -> dict[str, list[list[float]]]:
+    """Time every candidate call by call, in a rotated order each round; milliseconds per call, per round."""
     sync = _synchronizer(device)
     names = list(candidates)
     reps: dict[str, int] = {}
@@ -184,15 +200,17 @@ def run_rounds(
         candidates[name]()
         sync()
         reps[name] = max(2, min(50, round(target_s / max(time.perf_counter() - start, 1e-6))))
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = candidates[name]
+            calls = []
             for _ in range(reps[name]):
                 start = time.perf_counter_ns()
                 fn()
                 sync()
-                times[name].append((time.perf_counter_ns() - start) / 1e6)
+                calls.append((time.perf_counter_ns() - start) / 1e6)
+            times[name].append(calls)
     return times
 
 
@@ -235,15 +253,15 @@ def bench_model(
             fns["flat-lerp-fp32" if (op, dtype_name) == ("update", "bf16") else "bound"] = bounds[op]
             times = run_rounds(fns, args.rounds, args.target_s, device)
             op_rows = {
-                impl: Row(model_name, dtype_name, op, impl, times_ms=t, numel=numel) for impl, t in times.items()
+                impl: Row(model_name, dtype_name, op, impl, rounds_ms=t, numel=numel) for impl, t in times.items()
             }
             if "bound" not in op_rows:  # bf16 update: the fp32 flat lerp's bandwidth applied to 10 B/element
                 basis = op_rows["flat-lerp-fp32"]
                 basis.note = "measured basis of the bound (12 B/element)"
-                op_rows["bound"] = Row(model_name, dtype_name, op, "bound", basis.times_ms, numel, scale=10 / 12)
+                op_rows["bound"] = Row(model_name, dtype_name, op, "bound", basis.rounds_ms, numel, scale=10 / 12)
                 op_rows["bound"].note = "derived: flat fp32 lerp x 10/12"
             for impl, row in op_rows.items():
-                row.bound_ms = op_rows["bound"].median_ms
+                row.bound = op_rows["bound"]
                 row.note = row.note or next((c.note for c in candidates if c.impl == impl), "")
                 if impl in fns and not args.no_profile:
                     row.alloc_bytes, row.host_syncs = _profile_one_call(fns[impl], device)
@@ -279,7 +297,7 @@ def _print_table(rows: list[Row]) -> None:
             continue
         alloc = "–" if row.alloc_bytes is None else f"{row.alloc_bytes / 2**20:.1f}"
         syncs = "–" if row.host_syncs is None else str(row.host_syncs)
-        lo, hi = min(row.times_ms) * row.scale, max(row.times_ms) * row.scale
+        lo, hi = min(row.times_ms), max(row.times_ms)
         print(
             f"| {row.impl} | {row.median_ms:.2f} | {lo:.2f} | {hi:.2f} | {row.ratio:.2f} | {row.gb_per_s:.1f} "
             f"| {alloc} | {syncs} | {row.note} |",
@@ -303,7 +321,7 @@ def _print_goals(rows: list[Row]) -> None:
                 line += "met" if ours.ratio <= limit else "NOT met"
                 if peers and op == "update":
                     fastest = min(peers, key=lambda r: r.median_ms)
-                    line += f"); {ours.median_ms / fastest.median_ms:.2f}x the fastest peer ({fastest.impl})"
+                    line += f"); {ours.ratio_to(fastest):.2f}x the fastest peer ({fastest.impl})"
                 else:
                     line += ")"
                 if ours.alloc_bytes is not None:
@@ -382,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
                 "impl": r.impl,
                 "median_ms": round(r.median_ms, 4),
                 "ratio_to_bound": round(r.ratio, 4),
-                "min_ms": round(min(r.times_ms) * r.scale, 4),
-                "max_ms": round(max(r.times_ms) * r.scale, 4),
+                "min_ms": round(min(r.times_ms), 4),
+                "max_ms": round(max(r.times_ms), 4),
                 "gb_per_s": round(r.gb_per_s, 2),
                 "numel": r.numel,
                 "alloc_bytes": r.alloc_bytes,
