@@ -51,7 +51,10 @@ def build_sema_hf(model: nn.Module, decay: float) -> Candidate:
 
 def load_timm_model_ema() -> ModuleType:
     """``timm/utils/model_ema.py`` as a standalone module (it imports only torch), without importing ``timm``."""
-    spec = importlib.util.find_spec("timm")  # locates the package without executing it
+    try:
+        spec = importlib.util.find_spec("timm")  # locates the package without executing it
+    except (ImportError, ValueError) as e:
+        raise Unavailable(f"timm not importable: {e}") from e
     if spec is None or not spec.submodule_search_locations:
         raise Unavailable("timm not installed (pip install --no-deps timm)")
     path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "model_ema.py"
