@@ -115,6 +115,11 @@ class EMAStore:
         after_write: called after the store wrote into the model's tensors (switch, swap in, swap out), so an
             engine can refresh what the forward reads.
         scratch_numel: size of the fp32 cast buffer used for low-precision sources.
+        backup_forward: for engines whose ``after_write`` communicates (DDP with ``shard_under_ddp``): called when
+            an evaluation swaps the averages in, before anything is written; it keeps a local copy of every tensor
+            the forward reads and returns a function that restores them all, locally, on swap-out, so leaving the
+            swap needs no ``after_write`` (no second collective). Without it, the store backs up the slots' forward
+            tensors itself and calls ``after_write`` again on swap-out.
     """
 
     def __init__(
@@ -122,6 +127,8 @@ class EMAStore:
         slots: Sequence[Slot],
         after_write: Callable[[], None] | None = None,
         scratch_numel: int = SCRATCH_NUMEL,
+        *,
+        backup_forward: Callable[[], Callable[[], None]] | None = None,
     ) -> None:
         names = [s.name for s in slots]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -132,6 +139,7 @@ class EMAStore:
                 raise ValueError(f"EMAStore slot {s.name!r} has dtype {s.source.dtype}; only floating tensors average")
         self.slots: list[Slot] = list(slots)
         self._after_write = after_write or (lambda: None)
+        self._backup_forward = backup_forward
         self._averages: dict[str, torch.Tensor] = self._allocate()
         self._plan_update(scratch_numel)
         self.reset()
@@ -237,6 +245,10 @@ class EMAStore:
         Only what the forward reads is written (not fp32 master copies), so the optimizer never sees the average.
         Costs one copy of the forward tensors while inside the block.
         """
+        if self._backup_forward is not None:
+            with self._swapped_in_with_engine_backup():
+                yield
+            return
         with torch.no_grad():
             targets = [s.forward_tensor for s in self.slots]
             backup = [t.clone() for t in targets]
@@ -251,6 +263,23 @@ class EMAStore:
                     t.copy_(b)
                 del backup
                 self._after_write()
+
+    @contextmanager
+    def _swapped_in_with_engine_backup(self) -> Iterator[None]:
+        """`swapped_in` for an engine that backs up (and restores, locally) the full forward tensors itself."""
+        assert self._backup_forward is not None
+        with torch.no_grad():
+            restore = self._backup_forward()
+        try:
+            with torch.no_grad():
+                for s in self.slots:
+                    s.forward_tensor.copy_(self._averages[s.name])
+                self._after_write()
+            yield
+        finally:
+            with torch.no_grad():
+                restore()
+                del restore
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averages by slot name (views of the store's buffers; clone them to keep a snapshot)."""

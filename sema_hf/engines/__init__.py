@@ -6,6 +6,7 @@
 engine                      adapter                   what a rank averages
 ==========================  ========================  =================================================
 one process, DDP            `LocalAdapter`            the full parameters
+DDP, ``shard_under_ddp``    `DDPShardedAdapter`       a contiguous 1/W of the flattened trainable elements
 FSDP2 (``fully_shard``)     `FSDP2Adapter`            its ``Shard(0)`` block of each DTensor parameter
 FSDP1                       `FSDP1Adapter`            its pieces of each unit's local flat shard
 DeepSpeed ZeRO-1/2          `ZeroPartitionAdapter`    its fp32 partition of each flat parameter group
@@ -23,11 +24,16 @@ from .local import LocalAdapter, unwrap_model
 __all__ = ["EngineAdapter", "Layout", "LocalAdapter", "Slot", "detect_engine", "unwrap_model"]
 
 
-def detect_engine(model: nn.Module, optimizer: object | None = None, include_buffers: bool = False) -> EngineAdapter:
+def detect_engine(
+    model: nn.Module, optimizer: object | None = None, include_buffers: bool = False, *, shard_under_ddp: bool = False
+) -> EngineAdapter:
     """The adapter for this ``model`` / ``optimizer`` pair (accelerate's optimizer wrapper or the inner one).
 
     ``model`` is what the Trainer passes to callbacks: the FSDP-wrapped model under FSDP, the user's model under
-    DeepSpeed and DDP. Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average correctly.
+    DeepSpeed and DDP. With ``shard_under_ddp`` and replicated parameters over more than one rank (DDP, ZeRO-0),
+    the ranks share one average (`DDPShardedAdapter`); in one process, or under an engine that shards already, the
+    flag changes nothing. Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average
+    correctly.
     """
     sharded = None
     zero = next((o for o in _optimizer_chain(optimizer) if type(o).__module__.startswith("deepspeed.")), None)
@@ -52,6 +58,16 @@ def detect_engine(model: nn.Module, optimizer: object | None = None, include_buf
             "SEMA: the model's parameters are partitioned by DeepSpeed ZeRO-3, but no ZeRO-3 optimizer was given; "
             "pass the optimizer returned by deepspeed.initialize (the Trainer passes it to callbacks)."
         )
+    if sharded is None and shard_under_ddp and _world_size() > 1:
+        from .ddp_sharded import DDPShardedAdapter
+
+        if include_buffers:
+            raise NotImplementedError(
+                "SEMA: include_buffers=True is not supported with shard_under_ddp=True: each DDP rank's buffers "
+                "(BatchNorm statistics) follow its own batches, so a shared average would mix ranks; use "
+                "shard_under_ddp=False or include_buffers=False."
+            )
+        sharded = DDPShardedAdapter(model)
     if sharded is not None:
         if include_buffers:
             raise NotImplementedError(
@@ -60,6 +76,12 @@ def detect_engine(model: nn.Module, optimizer: object | None = None, include_buf
             )
         return sharded
     return LocalAdapter(model, include_buffers=include_buffers)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _optimizer_chain(optimizer: object | None, depth: int = 4) -> list[object]:
