@@ -1,58 +1,72 @@
-"""`SEMACallback`: Switch EMA as a `transformers.TrainerCallback`. Glue only: the rules live in `schedule`, the
-averages in `store`, the engine specifics in `engines`, the files in `checkpoint`.
+"""`SEMACallback`: Switch EMA as a `transformers.TrainerCallback`. Glue only: the rules live in `schedule` and
+`horizon`, the averages in `store`, the engine specifics in `engines`, the files in `checkpoint`, the choice of
+what to restore in `resume`, the Trainer binding in `binding`, the evaluation bookkeeping in `evaluation`.
 
 Where each piece plugs into the Trainer's loop (transformers 5.x)::
 
-    on_train_begin     pick the engine adapter, allocate the fp32 average (or restore it when resuming)
+    on_train_begin     bind to the Trainer running train(), resolve the horizon, pick the engine adapter, allocate
+                       the fp32 average (or restore the one saved with the resumed checkpoint), warn, log settings
     on_optimizer_step  remember whether the optimizer really stepped (fp16 overflow skips a step)
-    on_step_end        after global_step += 1: update / copy, step-counted switch, swap the average in when
+    on_step_end        after global_step += 1: update / copy, step-counted switch point, swap the average in when
                        DefaultFlowCallback (which runs before us) asked for an evaluation
-    on_epoch_end       epoch switch (before the epoch-end evaluation and checkpoint, so both see the switch)
-    on_evaluate        swap the raw weights back (before any checkpoint), or evaluate the average too ("both")
-    on_save            write the average next to the checkpoint the Trainer just wrote
+    on_epoch_end       epoch switch point (before the epoch-end evaluation and checkpoint, so both see the switch;
+                       after that evaluation when it must compare raw and EMA weights: "both", "if_better")
+    on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint), evaluate the
+                       average too ("both", "if_better"), run a deferred switch
+    on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
+                       before the Trainer's own save, so that rotation and Hub uploads see it complete)
     on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it
 """
 
 from __future__ import annotations
 
-import inspect
 import os
+import uuid
+import warnings
 from contextlib import ExitStack
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
-from . import schedule
+from . import evaluation, schedule
+from .binding import TrainerBinding, bind
 from .checkpoint import has_ema_checkpoint, load_ema_checkpoint, save_ema_checkpoint
 from .config import SEMAConfig
 from .engines import EngineAdapter, detect_engine
+from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
+from .resume import agree_across_ranks, checkpoint_id, decide_resume, expected_checkpoint_id
+from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
 logger = logging.get_logger(__name__)
 
 
-class SEMACallback(TrainerCallback):
-    """Switch EMA for the `transformers.Trainer`: ``Trainer(..., callbacks=[SEMACallback(decay=0.999)])``.
+class SEMACallback(TrainerCallback, ExportableState):
+    """Switch EMA for the `transformers.Trainer`: ``Trainer(..., callbacks=[SEMACallback(horizon_epochs=0.3)])``.
 
     Keeps an fp32 exponential moving average of the trainable weights, updated once per optimizer step, and copies
     it into the model at the end of every epoch (or every ``switch_every_steps`` steps); evaluation during training
     uses the average; checkpoints hold the raw weights plus the average, and resuming restores both. Under DeepSpeed
-    ZeRO and FSDP each rank averages only its own shard of the fp32 master weights.
+    ZeRO and FSDP each rank averages only its own shard of the fp32 master weights. One callback object may serve
+    several Trainers in turn: it binds to the Trainer running ``train()`` at every train start.
 
     Args:
         config: a `SEMAConfig`; omitted, the defaults.
         landscape: a `LandscapeProbe`: at each switch, just before it, measure loss and sharpness (and flatness) of
             the raw and the EMA weights and log them (``landscape_raw_*``, ``landscape_ema_*``). Single-process
             models only (one process or DDP).
-        **overrides: any `SEMAConfig` field, e.g. ``SEMACallback(decay=0.9999, switch_every_epochs=2)``.
+        **overrides: any `SEMAConfig` field, e.g. ``SEMACallback(horizon_epochs=0.5, switch_every_epochs=2)``.
 
     Metrics logged through the Trainer (so TensorBoard, W&B... see them): ``ema_decay`` (the decay of the last
-    update, at each logging step) and ``ema_switches`` (the number of switches so far, at each switch); with
-    ``evaluate_with="both"``, ``eval_ema_*`` next to ``eval_*``.
+    update, at each logging step), ``ema_switches`` (switches so far, at each switch), ``ema_switched`` (1 when a
+    switch point copied the average in, 0 when ``switch_policy="if_better"`` kept the raw weights),
+    ``eval_uses_ema`` (1 when that evaluation's ``eval_*`` numbers are the average's, 0 when they are the raw
+    weights'), and ``eval_ema_*`` next to ``eval_*`` with ``evaluate_with="both"`` or ``switch_policy="if_better"``.
     """
 
     def __init__(
@@ -61,24 +75,53 @@ class SEMACallback(TrainerCallback):
         base = config if config is not None else SEMAConfig()
         self.config: SEMAConfig = base.replace(**overrides) if overrides else base
         self.landscape = landscape
+        self._explicit_trainer: Trainer | None = None
+        self._run_uuid = uuid.uuid4().hex
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Everything that belongs to one ``train()`` call."""
         self.engine: EngineAdapter | None = None
         self.store: EMAStore | None = None
+        self.resolved: ResolvedHorizon | None = None
         self.num_updates = 0
         self.num_switches = 0
         self.last_decay: float | None = None
+        self.last_switch_decision: bool | None = None
+        self._binding = TrainerBinding(None)
+        self._args: TrainingArguments | None = None
+        self._trainer_state: TrainerState | None = None
         self._warmup_steps = 0
-        self._trainer: Trainer | None = None
-        self._resume_hint: str | None = None
         self._swap: ExitStack | None = None
         self._stepped = False
         self._training = False
         self._evaluating_ema = False
+        self._pending_evals = 0
+        self._eval_metrics: dict[str, float] = {}
+        self._pending_switch = False
+        self._steps_since_decision = 0
+        self._saved_folder: str | None = None
 
     # ---- public API -------------------------------------------------------------------------------------------
     def set_trainer(self, trainer: Trainer) -> None:
-        """Bind the Trainer explicitly (it is otherwise found when training starts). Needed for logging through the
-        Trainer and for ``evaluate_with="both"``."""
-        self._trainer = trainer
+        """Bind the Trainer explicitly. It is otherwise found when ``train()`` starts; when both are known they must
+        be the same Trainer."""
+        self._explicit_trainer = trainer
+
+    @property
+    def trainer(self) -> Trainer | None:
+        """The Trainer of the current (or last) ``train()`` call."""
+        return self._binding.trainer
+
+    @property
+    def decay(self) -> float | None:
+        """The per-step decay: resolved from ``horizon_epochs`` at train start; None before when it depends on the
+        run."""
+        if self.resolved is not None:
+            return self.resolved.decay
+        if self.config.horizon_epochs is not None:
+            return None
+        return resolve_horizon(self.config, None).decay
 
     @property
     def local_numel(self) -> int:
@@ -98,16 +141,41 @@ class SEMACallback(TrainerCallback):
         """Context manager: inside, the model's forward reads the EMA weights; the raw weights always come back."""
         return self._require_store().swapped_in()
 
+    def state(self) -> dict[str, Any]:
+        """`ExportableState`: the Trainer records this in ``trainer_state.json`` with every checkpoint; resuming
+        checks that the EMA beside the checkpoint carries the same ``checkpoint_id``."""
+        step = self._trainer_state.global_step if self._trainer_state is not None else None
+        run_id = self._run_id() if self._training else None
+        return {
+            "args": self.config.to_dict(),
+            "attributes": {"checkpoint_id": None if run_id is None else checkpoint_id(run_id, step)},
+        }
+
     # ---- Trainer hooks ----------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._trainer is None:
-            self._trainer, self._resume_hint = _find_calling_trainer()
-        if self.config.evaluate_with == "both" and self._trainer is None:
-            raise RuntimeError(
-                "SEMACallback(evaluate_with='both') needs the Trainer to run the second evaluation: call "
-                "callback.set_trainer(trainer) before trainer.train()."
+        self._swap_out()
+        self._reset_run_state()
+        self._run_uuid = uuid.uuid4().hex
+        self._binding = bind(self, self._explicit_trainer)
+        self._args, self._trainer_state = args, state
+        trainer = self._binding.trainer
+        if trainer is None:
+            logger.warning(
+                "SEMA could not identify the Trainer running it (no Trainer.train() on the call stack and no "
+                "set_trainer()): its metrics go to state.log_history only."
             )
-        self.engine = detect_engine(kwargs["model"], kwargs.get("optimizer"), self.config.include_buffers)
+        loader = kwargs.get("train_dataloader")
+        steps_per_epoch = optimizer_steps_per_epoch(
+            len(loader) if loader is not None and has_length(loader) else None, args.gradient_accumulation_steps
+        )
+        self._warmup_steps = check_run_settings(self.config, args, trainer, steps_per_epoch, state)
+        self.resolved = resolve_horizon(self.config, steps_per_epoch)
+        self.engine = detect_engine(
+            kwargs["model"],
+            kwargs.get("optimizer"),
+            self.config.include_buffers,
+            shard_under_ddp=self.config.shard_under_ddp,
+        )
         if self.landscape is not None and self.engine.layout().sharded:
             raise ValueError(
                 f"SEMACallback(landscape=...) measures single-process models only, but the engine is "
@@ -115,22 +183,21 @@ class SEMACallback(TrainerCallback):
                 "or pass landscape=None."
             )
         self.store = EMAStore(self.engine.slots(), after_write=self.engine.after_write)
-        self._warmup_steps = schedule.resolve_warmup_steps(
-            self.config.warmup_steps, state.max_steps, state.num_train_epochs
-        )
-        self.num_updates = self.num_switches = 0
-        self.last_decay = None
         if state.global_step > 0:
             self._resume(args, state)
         self._training = True
+        for message in horizon_warnings(self.config, self.resolved, state.max_steps, self._warmup_steps):
+            logger.warning(f"SEMA: {message}")
+            warnings.warn(f"SEMA: {message}", UserWarning, stacklevel=2)
         logger.info(
-            f"SEMA: averaging {self.store.local_numel:,} elements on this process "
-            f"({self.store.local_numel * 4 / 2**20:.1f} MiB fp32, engine {self.engine.name}), decay {self.config.decay}, "
-            f"warmup {self.config.warmup} over {self._warmup_steps} steps"
+            describe_settings(self.config, self.resolved, self._warmup_steps, self.engine.name, self.store.local_numel)
         )
+        if args.eval_on_start:
+            self._before_evaluation(control, force=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._swap_out()  # training never continues from swapped-in weights
+        self._pending_evals = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._stepped = not bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
@@ -141,15 +208,16 @@ class SEMACallback(TrainerCallback):
         if self._stepped:
             self._stepped = False
             self._average(store, step)
+            self._steps_since_decision += 1
         logs: dict[str, float] = {}
         if control.should_log and self.last_decay is not None:
             logs["ema_decay"] = self.last_decay
         if self.config.switch and schedule.should_switch_at_step(
             step, self.config.switch_every_steps, self.config.update_after_step
         ):
-            logs.update(self._switch(store, kwargs.get("model")))
+            logs.update(self._switch_point(store, control, kwargs.get("model")))
         self._log(logs, state, control)
-        self._prepare_evaluation(control)
+        self._before_evaluation(control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         store = self._require_store()
@@ -162,56 +230,86 @@ class SEMACallback(TrainerCallback):
                 completed, self.config.switch_every_epochs, self.config.switch_start_epoch
             )
         ):
-            self._log(self._switch(store, kwargs.get("model")), state, control)
-        self._prepare_evaluation(control)
+            self._log(self._switch_point(store, control, kwargs.get("model")), state, control)
+        self._before_evaluation(control)
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs):
-        if self._evaluating_ema:
-            return
+        if self._evaluating_ema or self._pending_evals == 0:
+            return  # our own pass over the average, or an evaluation the user called: weights as they are
+        self._eval_metrics.update(metrics or {})
+        self._pending_evals -= 1
+        if self._pending_evals > 0:
+            return  # more eval sets follow with the same weights
+        uses_ema = self._swap is not None
         self._swap_out()
-        if self.config.evaluate_with == "both" and self._training and self.store is not None:
-            assert self._trainer is not None
-            self._evaluating_ema = True
-            try:
-                with self.store.swapped_in():
-                    ema_metrics = self._trainer.evaluate(metric_key_prefix="eval_ema")
-            finally:
-                self._evaluating_ema = False
+        logs = {"eval_uses_ema": float(uses_ema)}
+        if self._compares_weights():
+            ema_metrics = self._evaluate_average()
+            self._eval_metrics.update(ema_metrics)
             if metrics is not None:
                 # The Trainer returns this very dict: merged, eval_ema_* can drive metric_for_best_model.
                 metrics.update(ema_metrics)
+        if metrics is not None:
+            metrics["eval_uses_ema"] = float(uses_ema)
+        if self._pending_switch:
+            self._pending_switch = False
+            logs.update(self._switch(self._require_store(), kwargs.get("model"), better=self._average_wins()))
+        self._log(logs, state, control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._swap is not None:
             logger.warning("SEMA: a checkpoint was saved while EMA weights were swapped in for evaluation.")
             self._swap_out()
-        folder = os.path.join(self._output_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = self.checkpoint_folder(state.global_step)
+        if self._saved_folder == folder and has_ema_checkpoint(folder):
+            return  # written before the Trainer's own save (SEMATrainer)
         self.save_checkpoint(folder, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._swap_out()
-        self._training = False
-        if self.store is None or self.config.final_weights != "ema":
+        self._pending_evals = 0
+        if self.store is None:
+            self._training = False
             return
+        final = self.config.final_weights
         if args.load_best_model_at_end and state.best_model_checkpoint:
-            # The Trainer just loaded the best checkpoint's raw weights; its average is what scored best.
-            self.load_checkpoint(state.best_model_checkpoint)
-        self.store.switch()
-        logger.info("SEMA: the model now holds the EMA weights (final_weights='ema').")
+            # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
+            final = evaluation.weights_behind_best_metric(self.config.evaluate_with, args.metric_for_best_model)
+            if final == "ema":
+                self.load_checkpoint(state.best_model_checkpoint)
+        elif final == "ema" and self.config.switch_policy == "if_better":
+            final = "ema" if self._final_average_wins() else "model"
+        self._training = False
+        if final == "ema":
+            self.store.switch()
+            logger.info("SEMA: the model now holds the EMA weights.")
+        else:
+            logger.info("SEMA: the model keeps its raw weights (final_weights, if_better or the best checkpoint).")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_folder(self, global_step: int) -> str:
+        """``<output_dir>[/run-K]/checkpoint-<step>``: where the Trainer of this run saves at ``global_step``."""
+        base = self._binding.output_dir(self._args.output_dir if self._args is not None else ".")
+        return os.path.join(base, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+
     def save_checkpoint(self, folder: str, global_step: int) -> None:
-        """Write this rank's average and (rank 0) the JSON into ``folder``; every rank must call it."""
+        """Write this rank's average and the JSON into ``folder``; every rank must call it."""
         store = self._require_store()
         assert self.engine is not None
         meta = {
             "global_step": global_step,
+            "checkpoint_id": checkpoint_id(self._run_id(), global_step),
+            "checkpoint_dir": os.path.abspath(folder),
             "num_updates": self.num_updates,
             "num_switches": self.num_switches,
             "last_decay": self.last_decay,
+            "last_switch_decision": self.last_switch_decision,
+            "steps_since_decision": self._steps_since_decision,
             "config": self.config.to_dict(),
         }
-        save_ema_checkpoint(folder, store.state_dict(), self.engine.layout(), meta, barrier=_barrier)
+        writer = self._args.should_save if self._args is not None else None
+        save_ema_checkpoint(folder, store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer)
+        self._saved_folder = folder
 
     def load_checkpoint(self, folder: str) -> dict[str, Any]:
         """Restore the average and counters saved in ``folder``; raises if absent or not matching this model."""
@@ -222,6 +320,8 @@ class SEMACallback(TrainerCallback):
         self.num_updates = meta["num_updates"]
         self.num_switches = meta["num_switches"]
         self.last_decay = meta["last_decay"]
+        self.last_switch_decision = meta.get("last_switch_decision")
+        self._steps_since_decision = meta.get("steps_since_decision", 0)
         return meta
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -230,6 +330,11 @@ class SEMACallback(TrainerCallback):
             raise RuntimeError("SEMACallback has no EMA yet: it is created when training starts (on_train_begin).")
         return self.store
 
+    def _run_id(self) -> str:
+        """Identifies this ``train()`` call in checkpoint identities (the process that writes a checkpoint's
+        ``trainer_state.json`` also writes its ``sema_state.json``, so both carry the same id)."""
+        return self._run_uuid
+
     def _average(self, store: EMAStore, step: int) -> None:
         cfg = self.config
         action = schedule.ema_action(step, cfg.update_every, cfg.update_after_step)
@@ -237,26 +342,92 @@ class SEMACallback(TrainerCallback):
             store.reset()
             self.last_decay = 0.0
         elif action is schedule.EMAAction.UPDATE:
+            assert self.resolved is not None
             decay = schedule.effective_decay(
-                step, cfg.decay, cfg.warmup, self._warmup_steps, cfg.warmup_ratio, cfg.update_every
+                step, self.resolved.decay, cfg.warmup, self._warmup_steps, cfg.warmup_ratio, cfg.update_every
             )
             store.update(decay)
             self.num_updates += 1
             self.last_decay = decay
 
-    def _switch(self, store: EMAStore, model: torch.nn.Module | None) -> dict[str, float]:
+    def _compares_weights(self) -> bool:
+        """Whether evaluations read the raw weights and then the average (``eval_*`` and ``eval_ema_*``)."""
+        return self.config.evaluate_with == "both" or self.config.switch_policy == "if_better"
+
+    def _switch_point(self, store: EMAStore, control: TrainerControl, model: torch.nn.Module | None) -> dict:
+        """At a switch point: switch now, or after the evaluation the Trainer is about to run when that evaluation
+        must compare the raw weights with the average first."""
+        if self._compares_weights() and control.should_evaluate:
+            self._pending_switch = True
+            return {}
+        if self.config.switch_policy == "if_better":
+            raise RuntimeError(
+                f"SEMA(switch_policy='if_better') reached a switch point at step {self._trainer_state.global_step} "
+                "with no evaluation scheduled there; evaluate at every switch point (eval_strategy='epoch' for "
+                "epoch switches, eval_steps dividing switch_every_steps)."
+            )
+        return self._switch(store, model, better=True)
+
+    def _switch(self, store: EMAStore, model: torch.nn.Module | None, better: bool) -> dict[str, float]:
         logs: dict[str, float] = {}
         if self.landscape is not None:  # measured before the switch: afterwards raw and EMA weights are the same
             if model is None:
                 raise RuntimeError("SEMACallback(landscape=...) needs the model in the hook's keyword arguments")
             logs = self.landscape.measure(model, store.swapped_in)
-        store.switch()
-        self.num_switches += 1
-        return {**logs, "ema_switches": float(self.num_switches)}
+        self.last_switch_decision = better
+        self._steps_since_decision = 0
+        if better:
+            store.switch()
+            self.num_switches += 1
+        logs.update({"ema_switches": float(self.num_switches), "ema_switched": float(better)})
+        return logs
 
-    def _prepare_evaluation(self, control: TrainerControl) -> None:
-        """Swap the average in when the Trainer is about to evaluate (no hook fires before evaluation itself)."""
-        if control.should_evaluate and self.config.evaluate_with == "ema" and self._swap is None:
+    def _average_wins(self) -> bool:
+        """The switch decision after an evaluation of both weight sets: always True under switch_policy="always"."""
+        if self.config.switch_policy != "if_better":
+            return True
+        args, trainer = self._args, self._binding.trainer
+        assert args is not None and trainer is not None
+        raw_key, ema_key = evaluation.metric_keys(args.metric_for_best_model, trainer.eval_dataset)
+        missing = [k for k in (raw_key, ema_key) if k not in self._eval_metrics]
+        if missing:
+            raise KeyError(
+                f"SEMA(switch_policy='if_better') compares {raw_key} with {ema_key}, but the evaluation returned no "
+                f"{missing}; available: {sorted(self._eval_metrics)}. Set metric_for_best_model to one of them."
+            )
+        greater = bool(args.greater_is_better) if args.metric_for_best_model else False
+        return evaluation.average_is_better(self._eval_metrics[raw_key], self._eval_metrics[ema_key], greater)
+
+    def _final_average_wins(self) -> bool:
+        """if_better at train end: reuse the last switch point's decision when no step followed it, else evaluate."""
+        if self._steps_since_decision == 0 and self.last_switch_decision is not None:
+            return self.last_switch_decision
+        trainer = self._binding.trainer
+        assert trainer is not None
+        self._eval_metrics = dict(trainer.evaluate())
+        self._eval_metrics.update(self._evaluate_average())
+        return self._average_wins()
+
+    def _evaluate_average(self) -> dict[str, float]:
+        """Evaluate every eval set with the average swapped in (``eval_ema_*``), through the Trainer."""
+        trainer = self._binding.trainer
+        assert trainer is not None and self.store is not None
+        self._evaluating_ema = True
+        try:
+            with self.store.swapped_in():
+                return trainer.evaluate(metric_key_prefix="eval_ema")
+        finally:
+            self._evaluating_ema = False
+
+    def _before_evaluation(self, control: TrainerControl, force: bool = False) -> None:
+        """When the Trainer is about to evaluate (no hook fires before evaluation itself): count the eval sets it
+        will evaluate, and swap the average in if the evaluation is to read it."""
+        if not (control.should_evaluate or force) or not self._training or self._pending_evals > 0:
+            return
+        trainer = self._binding.trainer
+        self._pending_evals = evaluation.eval_set_count(trainer.eval_dataset if trainer is not None else None)
+        self._eval_metrics = {}
+        if self.config.evaluate_with == "ema" and not self._compares_weights() and self._swap is None:
             self._swap = ExitStack()
             self._swap.enter_context(self._require_store().swapped_in())
 
@@ -268,52 +439,36 @@ class SEMACallback(TrainerCallback):
     def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
         if not logs:
             return
-        if self._trainer is not None:
+        trainer = self._binding.trainer
+        if trainer is not None:
             # Trainer.log clears control.should_log; keep the Trainer's own pending log (loss, lr) alive.
             pending = control.should_log
-            self._trainer.log(logs)
+            trainer.log(logs)
             control.should_log = pending
         else:
             state.log_history.append({**logs, "step": state.global_step})
 
-    def _output_dir(self, args: TrainingArguments) -> str:
-        return args.output_dir if self._trainer is None else self._trainer._get_output_dir(trial=None)
-
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
-        candidates = [self._resume_hint, getattr(args, "resume_from_checkpoint", None)]
-        candidates.append(os.path.join(self._output_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-        folder = next((c for c in candidates if isinstance(c, str) and os.path.isdir(c)), candidates[-1])
-        if not has_ema_checkpoint(folder) and self.config.allow_fresh_ema_on_resume:
-            logger.warning(f"SEMA: no EMA state in {folder}; starting a fresh average from the restored weights.")
+        resumed_from = self._binding.resume_from_checkpoint
+        if resumed_from is None and not self._binding.found_on_stack and isinstance(args.resume_from_checkpoint, str):
+            resumed_from = args.resume_from_checkpoint
+        decision = decide_resume(
+            resumed_from,
+            self.checkpoint_folder(state.global_step),
+            state.global_step,
+            expected_checkpoint_id(state.stateful_callbacks),
+            self.config.allow_fresh_ema_on_resume,
+        )
+        decision = agree_across_ranks(decision)
+        if decision.error is not None:
+            raise (FileNotFoundError if decision.missing else ValueError)(decision.error)
+        if decision.folder is None:
+            logger.warning("SEMA: no EMA state to restore; starting a fresh average from the restored weights.")
             return
-        meta = self.load_checkpoint(folder)
-        if meta["global_step"] != state.global_step:
-            raise ValueError(
-                f"EMA state in {folder!r} was saved at step {meta['global_step']} but the Trainer resumed at step "
-                f"{state.global_step}; resume from the checkpoint the EMA was saved with."
-            )
-        logger.info(f"SEMA: restored the EMA from {folder} (step {state.global_step}, {self.num_switches} switches).")
-
-
-def _find_calling_trainer(max_depth: int = 16) -> tuple[Trainer | None, str | None]:
-    """The `Trainer` running this hook, found on the call stack, and the checkpoint it resumes from.
-
-    Callbacks are not handed the Trainer; transformers' own JIT-checkpoint callback gets it through ``set_trainer``.
-    Looking it up here lets ``Trainer(callbacks=[SEMACallback()])`` log through the Trainer with no extra call.
-    """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                break
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                hint = frame.f_locals.get("resume_from_checkpoint")
-                return candidate, hint if isinstance(hint, str) else None
-        return None, None
-    finally:
-        del frame
+        self.load_checkpoint(decision.folder)
+        logger.info(
+            f"SEMA: restored the EMA from {decision.folder} (step {state.global_step}, {self.num_switches} switches)."
+        )
 
 
 def _barrier() -> None:

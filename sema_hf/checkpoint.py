@@ -76,11 +76,18 @@ def save_ema_checkpoint(
     layout: Layout,
     meta: Mapping[str, Any],
     barrier: Callable[[], None] = lambda: None,
+    writer: bool | None = None,
 ) -> None:
-    """Write this rank's averages (every rank calls this; ``barrier`` synchronises them before the JSON)."""
+    """Write this rank's averages (every rank calls this; ``barrier`` synchronises them before the JSON).
+
+    ``writer``: whether this process writes the files every node needs once (the JSON, and the full average of an
+    unsharded engine); default rank 0. With ``save_on_each_node`` (no shared storage) it is each node's first
+    process, so that every node's copy of the checkpoint is complete.
+    """
+    writer = layout.rank == 0 if writer is None else writer
     os.makedirs(directory, exist_ok=True)
     num_shards = layout.world_size if layout.sharded else 1
-    if layout.sharded or layout.rank == 0:
+    if layout.sharded or writer:
         shard = layout.rank if layout.sharded else 0
         # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
         tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
@@ -90,7 +97,7 @@ def save_ema_checkpoint(
             lambda tmp: save_file(tensors, tmp, metadata=header),
         )
     barrier()
-    if layout.rank == 0:
+    if writer:
         state = {
             "format": FORMAT,
             **meta,

@@ -7,12 +7,16 @@ raises `ValueError` naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 WARMUP_KINDS = ("linear", "exp", "none")
 EVALUATE_WITH = ("ema", "model", "both")
 FINAL_WEIGHTS = ("ema", "model")
+SWITCH_POLICIES = ("always", "if_better")
+HORIZON_FIELDS = ("decay", "horizon_epochs", "horizon_steps")
+DEFAULT_DECAY = 0.999
 
 
 @dataclass
@@ -24,13 +28,32 @@ class SEMAConfig:
         ema <- m_t * ema + (1 - m_t) * theta
 
     and at the end of every ``switch_every_epochs``-th epoch (from ``switch_start_epoch`` on) the average is copied
-    into the model, which trains on from there. Typical decays: 0.999 for fine-tuning and SGD-trained CNNs, 0.9999
-    for long AdamW runs of ViTs. The averaging horizon is about ``1 / (1 - decay)`` optimizer steps (1000 at 0.999).
+    into the model, which trains on from there.
+
+    How far back the average reaches is its horizon ``H = 1 / (1 - m)`` optimizer steps (1000 at m = 0.999). What
+    decides whether averaging helps is H against the epoch and the run, so the decay can be given in any of three
+    units, at most one of them explicitly: ``decay`` (m itself), ``horizon_steps`` (H) or ``horizon_epochs``
+    (H / optimizer steps per epoch, resolved at train start from the Trainer's real steps per epoch, after
+    gradient accumulation and world size). With none of them, ``decay = DEFAULT_DECAY`` (0.999).
     """
 
-    decay: float = field(
-        default=0.999,
-        metadata={"help": "EMA decay m in (0, 1). Horizon ~ 1/(1-m) optimizer steps: 0.999 -> 1000, 0.9999 -> 10000."},
+    decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "EMA decay m in (0, 1). Horizon ~ 1/(1-m) optimizer steps: 0.999 -> 1000, 0.9999 -> 10000. "
+            f"At most one of decay, horizon_steps, horizon_epochs; none given: {DEFAULT_DECAY}."
+        },
+    )
+    horizon_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Averaging horizon H = 1/(1-m) in epochs (e.g. 0.3): the decay is resolved at train start from "
+            "the Trainer's optimizer steps per epoch. Instead of decay."
+        },
+    )
+    horizon_steps: float | None = field(
+        default=None,
+        metadata={"help": "Averaging horizon H = 1/(1-m) in optimizer steps (> 1). Instead of decay."},
     )
     warmup: str = field(
         default="linear",
@@ -86,6 +109,15 @@ class SEMAConfig:
             "of at epoch ends."
         },
     )
+    switch_policy: str = field(
+        default="always",
+        metadata={
+            "help": "'always' copies the average in at every switch point (the paper's rule); 'if_better' evaluates "
+            "both weight sets there (metric_for_best_model, default loss) and copies the average only when it "
+            "scores better. 'if_better' needs an evaluation at every switch point.",
+            "choices": list(SWITCH_POLICIES),
+        },
+    )
     evaluate_with: str = field(
         default="ema",
         metadata={
@@ -108,6 +140,13 @@ class SEMAConfig:
             "choices": list(FINAL_WEIGHTS),
         },
     )
+    shard_under_ddp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under DDP with W ranks, each rank averages only a contiguous 1/W of the trainable elements "
+            "(no communication per update; one all-gather per switch or evaluation)."
+        },
+    )
     allow_fresh_ema_on_resume: bool = field(
         default=False,
         metadata={
@@ -117,8 +156,30 @@ class SEMAConfig:
     )
 
     def __post_init__(self) -> None:
+        given = [name for name in HORIZON_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"SEMAConfig got both {given[0]}={getattr(self, given[0])!r} and {given[1]}={getattr(self, given[1])!r}: "
+                "they set the same averaging horizon; give at most one of decay, horizon_steps, horizon_epochs."
+            )
         _check(
-            isinstance(self.decay, float | int) and 0.0 < self.decay < 1.0, "decay", self.decay, "a float in (0, 1)"
+            self.decay is None or (_is_number(self.decay) and 0.0 < self.decay < 1.0),
+            "decay",
+            self.decay,
+            "None or a float in (0, 1)",
+        )
+        _check(
+            self.horizon_steps is None or (_is_number(self.horizon_steps) and self.horizon_steps > 1.0),
+            "horizon_steps",
+            self.horizon_steps,
+            "None or a number of optimizer steps > 1",
+        )
+        _check(
+            self.horizon_epochs is None
+            or (_is_number(self.horizon_epochs) and self.horizon_epochs > 0.0 and math.isfinite(self.horizon_epochs)),
+            "horizon_epochs",
+            self.horizon_epochs,
+            "None or a number of epochs > 0",
         )
         _check(self.warmup in WARMUP_KINDS, "warmup", self.warmup, f"one of {WARMUP_KINDS}")
         _check(
@@ -159,16 +220,20 @@ class SEMAConfig:
             self.switch_every_steps,
             "None or an int >= 1",
         )
+        _check(self.switch_policy in SWITCH_POLICIES, "switch_policy", self.switch_policy, f"one of {SWITCH_POLICIES}")
         _check(self.evaluate_with in EVALUATE_WITH, "evaluate_with", self.evaluate_with, f"one of {EVALUATE_WITH}")
         _check(isinstance(self.include_buffers, bool), "include_buffers", self.include_buffers, "True or False")
         _check(self.final_weights in FINAL_WEIGHTS, "final_weights", self.final_weights, f"one of {FINAL_WEIGHTS}")
+        _check(isinstance(self.shard_under_ddp, bool), "shard_under_ddp", self.shard_under_ddp, "True or False")
         _check(
             isinstance(self.allow_fresh_ema_on_resume, bool),
             "allow_fresh_ema_on_resume",
             self.allow_fresh_ema_on_resume,
             "True or False",
         )
-        self.decay = float(self.decay)
+        for name in HORIZON_FIELDS:
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         self.warmup_ratio = float(self.warmup_ratio)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,8 +250,21 @@ class SEMAConfig:
         return cls(**values)
 
     def replace(self, **overrides: Any) -> SEMAConfig:
-        """A validated copy with some fields changed; unknown names are an error."""
-        return SEMAConfig.from_dict({**self.to_dict(), **overrides})
+        """A validated copy with some fields changed; unknown names are an error. Setting one of ``decay``,
+        ``horizon_steps``, ``horizon_epochs`` clears the other two (they set the same thing)."""
+        values = self.to_dict()
+        if any(overrides.get(name) is not None for name in HORIZON_FIELDS):
+            values.update(dict.fromkeys(HORIZON_FIELDS))
+        return SEMAConfig.from_dict({**values, **overrides})
+
+    @property
+    def horizon_unit(self) -> str:
+        """Which of ``decay``, ``horizon_steps``, ``horizon_epochs`` sets the horizon (``decay`` when none is given)."""
+        return next((name for name in HORIZON_FIELDS if getattr(self, name) is not None), "decay")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:

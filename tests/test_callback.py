@@ -99,7 +99,7 @@ def test_warmup_decay_sequence_matches_hand_computation(tmp_path):
 
 
 def tiny_trainer_history(sema):
-    return [h for h in sema._trainer.state.log_history if "ema_decay" in h]
+    return [h for h in sema.trainer.state.log_history if "ema_decay" in h]
 
 
 class EpochEndProbe(TrainerCallback):

@@ -1,0 +1,117 @@
+"""What SEMA checks about a run's `TrainingArguments` at train start, and the settings line it logs.
+
+Refused at train start, with the reason (each would otherwise silently do the wrong thing):
+
+* an epoch-length dependent setting on data without a length (``IterableDataset``): the default decay warmup
+  (one epoch), epoch switching (the Trainer's ``state.epoch`` is fractional, so no epoch end would ever switch)
+  and ``horizon_epochs``;
+* ``evaluate_with="both"`` or ``switch_policy="if_better"`` without an identifiable Trainer (the second evaluation
+  runs through it), and ``if_better`` without an eval set or an evaluation at every switch point.
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from . import evaluation, schedule
+from .config import SEMAConfig
+from .horizon import ResolvedHorizon, switch_interval_steps
+
+logger = logging.get_logger(__name__)
+
+
+def check_run_settings(
+    config: SEMAConfig,
+    args: TrainingArguments,
+    trainer: Trainer | None,
+    steps_per_epoch: int | None,
+    state: TrainerState,
+) -> int:
+    """Refuse what this run cannot do with ``config`` (``ValueError``/``RuntimeError`` naming it); return the
+    length of the decay warmup in optimizer steps."""
+    if steps_per_epoch is None:
+        if config.warmup != "none" and config.warmup_steps is None:
+            raise ValueError(
+                "SEMA's decay warmup defaults to one epoch, but the training data has no length (an IterableDataset), "
+                "so an epoch has no length either: set warmup_steps (optimizer steps) or warmup='none'."
+            )
+        if config.switch and config.switch_every_steps is None:
+            raise ValueError(
+                "SEMA switches at epoch ends by default, but the training data has no length (an IterableDataset): "
+                "the Trainer never sees a whole epoch end. Set switch_every_steps, or switch=False for plain EMA."
+            )
+        warmup_steps = config.warmup_steps or 0
+    else:
+        warmup_steps = schedule.resolve_warmup_steps(config.warmup_steps, state.max_steps, state.num_train_epochs)
+    if (config.evaluate_with == "both" or config.switch_policy == "if_better") and trainer is None:
+        raise RuntimeError(
+            f"SEMACallback(evaluate_with={config.evaluate_with!r}, switch_policy={config.switch_policy!r}) needs the "
+            "Trainer to run the evaluation of the average: call callback.set_trainer(trainer) before trainer.train()."
+        )
+    if config.switch_policy == "if_better":
+        _check_if_better(config, args, trainer, steps_per_epoch)
+    hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+    if args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
+        if not getattr(trainer, "sema_saves_ema_first", False):
+            logger.warning(
+                f"SEMA: hub_strategy={hub_strategy!r} uploads each checkpoint before callbacks hear of it, so "
+                "the uploaded checkpoints will not hold the EMA files; use sema_hf.SEMATrainer, which writes them "
+                "before the Trainer's save and upload."
+            )
+    if args.save_only_model:
+        logger.info(
+            "SEMA: save_only_model=True: checkpoints still get the EMA files (load_best_model_at_end restores the "
+            "average of the best checkpoint from them), but without optimizer state they cannot resume training."
+        )
+    return warmup_steps
+
+
+def _check_if_better(
+    config: SEMAConfig, args: TrainingArguments, trainer: Trainer | None, steps_per_epoch: int | None
+) -> None:
+    assert trainer is not None
+    if trainer.eval_dataset is None:
+        raise ValueError("SEMA(switch_policy='if_better') compares raw and EMA weights on the eval set: give one.")
+    evaluation.metric_keys(args.metric_for_best_model, trainer.eval_dataset)  # raises for an ambiguous dict
+    if not config.switch:
+        return
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if config.switch_every_steps is None:
+        ok = strategy == "epoch"
+    else:
+        eval_steps = args.eval_steps
+        ok = strategy == "steps" and isinstance(eval_steps, int) and config.switch_every_steps % eval_steps == 0
+    if not ok:
+        interval = switch_interval_steps(config, steps_per_epoch)
+        raise ValueError(
+            f"SEMA(switch_policy='if_better') decides each switch on an evaluation of both weight sets, but "
+            f"eval_strategy={strategy!r} (eval_steps={args.eval_steps}) does not evaluate at every switch point "
+            f"(every {interval} optimizer steps): use eval_strategy='epoch' for epoch switches, or eval_steps "
+            "dividing switch_every_steps."
+        )
+
+
+def describe_settings(
+    config: SEMAConfig, resolved: ResolvedHorizon, warmup_steps: int, engine: str, local_numel: int
+) -> str:
+    """One line with every resolved setting a user should check before a long run."""
+    epochs = resolved.horizon_epochs
+    horizon = f"{resolved.horizon_steps:.4g} optimizer steps" + ("" if epochs is None else f" = {epochs:.3g} epochs")
+    if not config.switch:
+        mode = "plain EMA (no switch)"
+    elif config.switch_every_steps is not None:
+        mode = f"Switch EMA every {config.switch_every_steps} optimizer steps"
+    else:
+        mode = f"Switch EMA every {config.switch_every_epochs} epoch(s) from epoch {config.switch_start_epoch + 1}"
+    warmup = (
+        "no warmup"
+        if config.warmup == "none" or warmup_steps == 0
+        else (f"{config.warmup} warmup over {warmup_steps} steps (ratio {config.warmup_ratio})")
+    )
+    return (
+        f"SEMA: {mode}, switch_policy={config.switch_policy}; decay {resolved.decay:.6g} (horizon {horizon}, set "
+        f"by {config.horizon_unit}); {warmup}; update every {config.update_every} step(s) after step "
+        f"{config.update_after_step}; evaluate with {config.evaluate_with}; final weights {config.final_weights}; "
+        f"engine {engine}: {local_numel:,} averaged elements on this rank ({local_numel * 4 / 2**20:.1f} MiB fp32)."
+    )
