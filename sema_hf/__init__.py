@@ -6,6 +6,7 @@ copies it into the model at every epoch end (Li et al., "Switch EMA", arXiv 2402
 
 from .callback import SEMACallback
 from .config import SEMAConfig
+from .hub import SEMATrainer
 from .landscape import (
     Flatness,
     LossProfile,
@@ -26,6 +27,7 @@ __all__ = [
     "LossProfile",
     "SEMACallback",
     "SEMAConfig",
+    "SEMATrainer",
     "fixed_batches",
     "flatness",
     "loss_profile",

@@ -182,7 +182,11 @@ class SEMACallback(TrainerCallback, ExportableState):
                 f"{self.engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
                 "or pass landscape=None."
             )
-        self.store = EMAStore(self.engine.slots(), after_write=self.engine.after_write)
+        self.store = EMAStore(
+            self.engine.slots(),
+            after_write=self.engine.after_write,
+            backup_forward=getattr(self.engine, "backup_forward", None),  # DDP-sharded: evaluation gathers once
+        )
         if state.global_step > 0:
             self._resume(args, state)
         self._training = True
@@ -291,6 +295,12 @@ class SEMACallback(TrainerCallback, ExportableState):
         """``<output_dir>[/run-K]/checkpoint-<step>``: where the Trainer of this run saves at ``global_step``."""
         base = self._binding.output_dir(self._args.output_dir if self._args is not None else ".")
         return os.path.join(base, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+
+    def save_checkpoint_before_trainer(self, global_step: int) -> None:
+        """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``checkpoint-<global_step>``: the
+        raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
+        self._swap_out()
+        self.save_checkpoint(self.checkpoint_folder(global_step), global_step)
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
         """Write this rank's average and the JSON into ``folder``; every rank must call it."""

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from transformers import Trainer
 
 from .callback import SEMACallback
 from .config import SEMAConfig
+from .trainer import EMAFirstCheckpointMixin
 
 SEMA_TAGS = ("sema", "switch-ema")
 PAPER_ARXIV_ID = "2402.09240"
@@ -40,6 +42,10 @@ CITATION = """@article{li2024switch,
   journal = {arXiv preprint arXiv:2402.09240},
   year    = {2024}
 }"""
+
+# transformers writes this sentence when the model's `_name_or_path` is empty (a model built from a config): a link
+# with no name to the Hub's front page.
+_EMPTY_BASE_MODEL_LINK = re.compile(r"This model is a fine-tuned version of \[\]\([^)]*\) on ")
 
 # Trainer bookkeeping that is not a quality metric of the model.
 _NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_samples")
@@ -135,6 +141,25 @@ def add_sema_to_model_card(
     return path
 
 
+def fix_empty_base_model_link(output_dir: str) -> bool:
+    """Say "trained from scratch" where the Trainer's card names an empty base model; returns whether it did.
+
+    `Trainer.create_model_card` takes the base model from ``config._name_or_path`` when ``finetuned_from`` is not
+    given; for a model built from a config that is ``""``, and the card then reads "a fine-tuned version of
+    [](https://huggingface.co/)". Such a model was trained from scratch, which is what the card says after this.
+    """
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return False
+    card = ModelCard.load(path)
+    text, count = _EMPTY_BASE_MODEL_LINK.subn("This model was trained from scratch on ", card.text)
+    if not count:
+        return False
+    card.text = text
+    card.save(path)
+    return True
+
+
 def last_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """The metrics of the last evaluation in ``trainer.state.log_history`` (``eval_ema_*`` preferred, renamed
     ``eval_*``, when ``evaluate_with='both'`` logged both)."""
@@ -169,7 +194,10 @@ class SEMAModelCardMixin:
             tags = [tags] if isinstance(tags, str) else list(tags or [])
             kwargs["tags"] = tags + [tag for tag in SEMA_TAGS if tag not in tags]
         super().create_model_card(*args, **kwargs)  # type: ignore[misc]
-        if callback is None or not self.is_world_process_zero():  # type: ignore[attr-defined]
+        if not self.is_world_process_zero():  # type: ignore[attr-defined]
+            return
+        fix_empty_base_model_link(self.args.output_dir)  # type: ignore[attr-defined]
+        if callback is None:
             return
         metrics = dict(sema_metrics) if sema_metrics is not None else last_eval_metrics(self.state.log_history)  # type: ignore[attr-defined]
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
@@ -184,8 +212,10 @@ class SEMAModelCardMixin:
         )
 
 
-class SEMATrainer(SEMAModelCardMixin, Trainer):
-    """A `transformers.Trainer` whose model cards (``create_model_card``, ``push_to_hub``) describe the SEMA model.
+class SEMATrainer(SEMAModelCardMixin, EMAFirstCheckpointMixin, Trainer):
+    """A `transformers.Trainer` whose model cards (``create_model_card``, ``push_to_hub``) describe the SEMA model,
+    and whose checkpoints get their EMA files before the Trainer's own save, upload and rotation
+    (`sema_hf.trainer.EMAFirstCheckpointMixin`).
 
     It does no averaging itself: pass ``callbacks=[SEMACallback(...)]`` as usual.
     """
