@@ -296,11 +296,11 @@ class SEMACallback(TrainerCallback, ExportableState):
         base = self._binding.output_dir(self._args.output_dir if self._args is not None else ".")
         return os.path.join(base, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
 
-    def save_checkpoint_before_trainer(self, global_step: int) -> None:
-        """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``checkpoint-<global_step>``: the
-        raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
+    def save_checkpoint_before_trainer(self, run_dir: str, global_step: int) -> None:
+        """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``run_dir/checkpoint-<global_step>``:
+        the raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
         self._swap_out()
-        self.save_checkpoint(self.checkpoint_folder(global_step), global_step)
+        self.save_checkpoint(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"), global_step)
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
         """Write this rank's average and the JSON into ``folder``; every rank must call it."""

@@ -1,6 +1,8 @@
 """`EMAFirstCheckpointMixin`: the Trainer writes a checkpoint's EMA files before its own save, so that nothing that
 follows the save inside `Trainer._save_checkpoint` (the upload of ``hub_strategy="checkpoint"`` /
-``"all_checkpoints"``, the rotation of ``save_total_limit``) ever sees a checkpoint without its average.
+``"all_checkpoints"``, the rotation of ``save_total_limit``) ever sees a checkpoint without its average. It also
+covers the checkpoints that fire no ``on_save`` (transformers' just-in-time checkpoint on SIGTERM calls
+``_save_checkpoint`` directly).
 
 With a plain `transformers.Trainer` the callback can only write them in ``on_save``, after that upload started;
 a crash between the two saves leaves a newest checkpoint without EMA, and resuming from it is refused with an
@@ -24,5 +26,5 @@ class EMAFirstCheckpointMixin:
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, SEMACallback) and callback.store is not None and callback.trainer is self:
-                callback.save_checkpoint_before_trainer(self.state.global_step)
+                callback.save_checkpoint_before_trainer(self._get_output_dir(trial=trial), self.state.global_step)
         super()._save_checkpoint(model, trial)
