@@ -226,3 +226,5 @@ def test_mixed_bf16_and_fp32_parameters_share_one_average_exactly(run):
         assert all(c == [] for c in mixed["update_collectives"]) and mixed["switch_collectives"] == ALL_GATHER
         assert mixed["gathered_vs_full"] == 0.0  # the same fp32 arithmetic on the same elements
         assert mixed["params_cast_exact"] and mixed["rank_spread"] == 0.0
+        assert mixed["swap_collectives"] == [ALL_GATHER, []]
+        assert mixed["swap_inside_exact"] and mixed["swap_raw_restored"]

@@ -11,10 +11,12 @@ itself, so:
   replicas identical again with ONE ``all_gather_into_tensor`` over a temporary flat buffer of ``W * B`` elements
   (in the parameters' widest float dtype, so mixed fp32/bf16 parameters travel losslessly), copied back into every
   parameter. The buffer lives only during the switch.
-* **evaluation** (`EMAStore.swapped_in` with ``backup_forward``): `backup_forward` copies the full raw parameters
-  into a local buffer, the store writes the average into this rank's range, `after_write` gathers (the one
-  collective of an evaluation); on leaving, the raw parameters are copied back from the local buffer, bit for bit,
-  with no collective. Peak extra memory during that swap: the backup plus the transient gather buffer (2 x N).
+* **evaluation** (`EMAStore.swapped_in` with ``backup_forward``): `backup_forward` keeps this rank's raw range
+  (N / W elements), the store writes the average there, and `after_write` gathers the full average (the one
+  collective of an evaluation) into the temporary buffer and exchanges it with the parameters chunk by chunk, so
+  the forward reads the average and the buffer keeps the raw weights. On leaving, the raw parameters are copied back
+  from it, bit for bit, with no collective. Extra memory while evaluating: N elements (the full-copy average's
+  swap keeps a backup of N as well, on top of its N-element average).
 * **checkpoints**: one file per rank with its piece ranges in ``Layout.extra["pieces"]``, so `sema_hf.checkpoint`
   re-shards them onto another world size, onto ZeRO / FSDP, or onto one process, and back.
 * **full averages** (``ema_state_dict``): gathered one parameter at a time (`ShardedAdapter.full_state_dict`).
@@ -38,6 +40,8 @@ from torch import nn
 
 from .local import averaged_named_tensors, unwrap_model
 from .shards import FlatEntry, Piece, ShardedAdapter, block_range, partition_ranges
+
+SWAP_CHUNK = 1 << 20  # elements exchanged at a time between the parameters and the gathered buffer
 
 
 def ddp_partition(
@@ -109,6 +113,8 @@ class DDPShardedAdapter(ShardedAdapter):
         # (this rank's piece, its offset in this rank's block of the flat buffer) for the switch's gather
         lo = self.rank * self._block
         self._own = [(piece.source, at - lo) for piece, (_, _, _, at) in zip(pieces, share, strict=True)]
+        self._pending: list[torch.Tensor] | None = None  # this rank's raw range, between backup and gather
+        self._backup: list[torch.Tensor] | None = None  # the raw parameters (views of the gathered buffer)
 
     def _flat_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` (the N elements in the flat order), one per parameter, shaped like it."""
@@ -118,31 +124,63 @@ class DDPShardedAdapter(ShardedAdapter):
             offset += p.numel()
         return views
 
-    @torch.no_grad()
-    def after_write(self) -> None:
-        """Make the replicas identical again: ONE all-gather of every rank's range into a temporary flat buffer
-        (``W * ceil(N / W)`` elements), then a copy of the full buffer into every parameter."""
-        if self.world_size == 1:
-            return
+    def _gather(self) -> torch.Tensor:
+        """ONE all-gather of every rank's own range of its replica into a new flat buffer (``W * ceil(N / W)``
+        elements); its first N elements are then the parameters in the flat order as the ranks' ranges hold them."""
         flat = torch.empty(self.world_size * self._block, dtype=self._flat_dtype, device=self._device)
         mine = flat.narrow(0, self.rank * self._block, self._block)
         if self._own:
             torch._foreach_copy_([mine.narrow(0, at, src.numel()) for src, at in self._own], [s for s, _ in self._own])
         dist.all_gather_into_tensor(flat, mine, group=self.group)
-        torch._foreach_copy_([p.data for p in self._params], self._flat_views(flat))
-        del flat
+        return flat
+
+    @torch.no_grad()
+    def after_write(self) -> None:
+        """Make the replicas identical again after the store wrote into this rank's range: one all-gather into a
+        temporary flat buffer, copied into every parameter (a switch). Right after `backup_forward` (an evaluation
+        swap), the gathered buffer is instead exchanged with the parameters, so that it keeps the raw weights."""
+        flat = self._gather()
+        views = self._flat_views(flat)
+        if self._pending is None:
+            torch._foreach_copy_([p.data for p in self._params], views)
+            return
+        raw_own, self._pending = self._pending, None
+        self._exchange(views)
+        # this rank's range of the parameters held the average already (the store wrote it before this call)
+        lo = self.rank * self._block
+        torch._foreach_copy_([flat.narrow(0, lo + at, src.numel()) for src, at in self._own], raw_own)
+        self._backup = views
+
+    def _exchange(self, views: list[torch.Tensor]) -> None:
+        """Swap the contents of every parameter and its view of the flat buffer, through a small scratch buffer
+        (peak memory: the flat buffer plus ``SWAP_CHUNK`` elements, not a second full copy)."""
+        scratch = torch.empty(min(SWAP_CHUNK, self.total_numel), dtype=self._flat_dtype, device=self._device)
+        for p, view in zip(self._params, views, strict=True):
+            a, b = p.data.view(-1), view.view(-1)
+            for start in range(0, a.numel(), scratch.numel()):
+                n = min(scratch.numel(), a.numel() - start)
+                tmp, x, y = scratch[:n], a[start : start + n], b[start : start + n]
+                tmp.copy_(x)
+                x.copy_(y)
+                y.copy_(tmp)
 
     @torch.no_grad()
     def backup_forward(self) -> Callable[[], None]:
-        """Keep a local copy of the full raw parameters (before an evaluation swaps the average in); the returned
-        function restores them bit for bit with no collective (the replicas all restore the same bytes)."""
-        backup = torch.empty(self.total_numel, dtype=self._flat_dtype, device=self._params[0].device)
-        views = self._flat_views(backup)
-        torch._foreach_copy_(views, [p.data for p in self._params])
+        """Before an evaluation swaps the average in: keep this rank's own range of the raw parameters (N / W
+        elements; the store is about to overwrite it). The next `after_write` gathers the average and leaves the
+        full raw parameters in the gathered buffer; the returned function copies them back, bit for bit, with no
+        collective (the replicas all restore the same bytes) and frees the buffer."""
+        self._pending = [src.clone() for src, _ in self._own]
+        self._backup = None
 
         @torch.no_grad()
         def restore() -> None:
-            torch._foreach_copy_([p.data for p in self._params], views)
+            backup, pending = self._backup, self._pending
+            self._backup = self._pending = None
+            if backup is not None:
+                torch._foreach_copy_([p.data for p in self._params], backup)
+            elif pending is not None:  # the swap failed before its gather: only this rank's range was written
+                torch._foreach_copy_([src for src, _ in self._own], pending)
 
         return restore
 

@@ -247,6 +247,14 @@ def mixed_dtypes(out: dict) -> None:
             full.update(0.7)
     gathered = sharded.full_state_dict(shared.state_dict())
     reference = local.full_state_dict(full.state_dict())
+    raw = params_of(model)
+    swap = shared.swapped_in()
+    with CollectiveCounter() as entering:
+        swap.__enter__()
+    inside = all(torch.equal(p, reference[n].to(p.dtype)) for n, p in model.named_parameters())
+    with CollectiveCounter() as leaving:
+        swap.__exit__(None, None, None)
+    restored = all(torch.equal(p, raw[n]) for n, p in model.named_parameters())
     with CollectiveCounter() as counter:
         shared.switch()
     out["mixed"] = {
@@ -257,6 +265,9 @@ def mixed_dtypes(out: dict) -> None:
         "gathered_vs_full": max_diff(gathered, reference),
         "params_cast_exact": all(torch.equal(p, reference[n].to(p.dtype)) for n, p in model.named_parameters()),
         "rank_spread": rank_spread(model),
+        "swap_collectives": [entering.calls, leaving.calls],
+        "swap_inside_exact": inside,
+        "swap_raw_restored": restored,
         "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
     }
 
