@@ -16,7 +16,8 @@ gathers from the compute blocks. Parameters kept gathered between steps (``stage
 are re-gathered as the optimizer does after its step, so a model with persistent parameters makes that
 collective on a switch; with the threshold at 0 there is none.
 
-Parameters are named as in the user's model (``model.named_parameters()``; the DeepSpeed engine is unwrapped).
+Parameters are named as in the user's model (``model.named_parameters()`` with the DeepSpeed engine, ``torch.compile``
+and activation-checkpoint wrappers taken out; see `sema_hf.engines.names`).
 """
 
 from __future__ import annotations
@@ -27,24 +28,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .names import canonical_named_parameters
 from .shards import FlatEntry, Piece, ShardedAdapter, _distinct, block_range, partition_ranges, storage_offset_in
 
 
-def _user_module(model: nn.Module) -> nn.Module:
-    """The user's model inside a ``DeepSpeedEngine`` (the Trainer already passes it unwrapped)."""
-    while type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _names_by_id(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in _user_module(model).named_parameters()}
+    return {id(p): n for n, p in canonical_named_parameters(model)}
 
 
 def _ordered_params(model: nn.Module, averaged: Sequence[nn.Parameter], shape_of) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, full shape)`` of the averaged parameters, in the model's own order (not the optimizer's groups)."""
     ids = {id(p) for p in averaged}
-    return [(n, tuple(shape_of(p))) for n, p in _user_module(model).named_parameters() if id(p) in ids]
+    return [(n, tuple(shape_of(p))) for n, p in canonical_named_parameters(model) if id(p) in ids]
 
 
 def _single_group(groups: Sequence[object], what: str) -> object:

@@ -10,8 +10,9 @@ FSDP1 (``FullyShardedDataParallel``): each wrapped unit owns one ``FlatParameter
 (``_local_shard``, padded at the end) holds a contiguous piece of some of the unit's parameters, described by
 ``_shard_param_infos``. With ``use_orig_params=True`` the original parameters are 1-D views of that shard (some
 empty on a rank); with ``use_orig_params=False`` the optimizer updates the ``FlatParameter`` itself. Either way
-SEMA averages the pieces of the local shard, named like the parameters of the unwrapped model. Parameter mixed
-precision keeps a separate low-precision shard that each forward refills from the local shard. After a write,
+SEMA averages the pieces of the local shard, named like the parameters of the unwrapped model (no
+``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` or ``_orig_mod.``; see `sema_hf.engines.names`).
+Parameter mixed precision keeps a separate low-precision shard that each forward refills from the local shard. After a write,
 units left unsharded (the root after an evaluation forward) are resharded, so the next forward gathers again.
 
 Supported: full sharding over the whole world (``FULL_SHARD``, ``SHARD_GRAD_OP``, FSDP2 on a 1-D mesh); hybrid
@@ -25,16 +26,8 @@ import math
 import torch
 from torch import nn
 
+from .names import canonical_name, canonical_named_parameters
 from .shards import Piece, ShardedAdapter, block_range
-
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped model's ``state_dict()`` has it (FSDP1 and checkpoint wrappers removed)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def is_fsdp1(model: nn.Module) -> bool:
@@ -57,7 +50,7 @@ class FSDP2Adapter(ShardedAdapter):
         from torch.distributed.tensor import DTensor, Shard
 
         self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in canonical_named_parameters(model) if p.requires_grad]
         plain = [n for n, p in named if not isinstance(p, DTensor)]
         if plain:
             raise NotImplementedError(
@@ -122,7 +115,7 @@ class FSDP1Adapter(ShardedAdapter):
             shard = self._local_shard(handle)
             for i, info in enumerate(flat._shard_param_infos):
                 param_info = flat._param_infos[i]
-                name = clean_name(f"{prefix}.{flat._fqns[i]}" if prefix else flat._fqns[i])
+                name = canonical_name(f"{prefix}.{flat._fqns[i]}" if prefix else flat._fqns[i])
                 if not self._requires_grad(handle, param_info):
                     continue
                 shape = tuple(flat._shapes[i])

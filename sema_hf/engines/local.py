@@ -12,24 +12,19 @@ import torch
 from torch import nn
 
 from .base import Layout, Slot
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / DataParallel wrappers (FSDP and DeepSpeed have their own adapters)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+from .names import canonical_named_buffers, canonical_named_parameters, unwrap_model
 
 
 def averaged_named_tensors(model: nn.Module, include_buffers: bool) -> list[tuple[str, torch.Tensor]]:
     """Trainable parameters (``requires_grad``; PEFT adapters only, under PEFT) and, if asked, floating buffers.
 
     Each tensor appears once under its first name, as in ``named_parameters()``: tied weights (GPT-2's embedding
-    and output layer) are one tensor, averaged once per step.
+    and output layer) are one tensor, averaged once per step. Names are the unwrapped model's (`sema_hf.engines.names`:
+    no ``module.``, ``_orig_mod.`` or ``_checkpoint_wrapped_module.``), so that checkpoints do not depend on wrappers.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in canonical_named_parameters(model) if p.requires_grad]
     if include_buffers:
-        named += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        named += [(n, b) for n, b in canonical_named_buffers(model) if b.is_floating_point()]
     return named
 
 
