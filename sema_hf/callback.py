@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from .config import SEMAConfig
 from .engines import EngineAdapter, detect_engine
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
-from .resume import agree_across_ranks, checkpoint_id, decide_resume, expected_checkpoint_id
+from .resume import checkpoint_id, folder_to_restore
 from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
@@ -92,12 +91,9 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._args: TrainingArguments | None = None
         self._trainer_state: TrainerState | None = None
         self._warmup_steps = 0
-        self._swap: ExitStack | None = None
         self._stepped = False
         self._training = False
-        self._evaluating_ema = False
-        self._pending_evals = 0
-        self._eval_metrics: dict[str, float] = {}
+        self._round = evaluation.EvaluationRound()
         self._pending_switch = False
         self._steps_since_decision = 0
         self._saved_folder: str | None = None
@@ -153,7 +149,7 @@ class SEMACallback(TrainerCallback, ExportableState):
 
     # ---- Trainer hooks ----------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._swap_out()
+        self._round.reset()
         self._reset_run_state()
         self._run_uuid = uuid.uuid4().hex
         self._binding = bind(self, self._explicit_trainer)
@@ -189,6 +185,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         )
         if state.global_step > 0:
             self._resume(args, state)
+            if schedule.epoch_end_skipped_by_resume(state.epoch, self._steps_since_decision):
+                self.on_epoch_end(args, state, control, **kwargs)  # saved before it: run that switch point now
         self._training = True
         for message in horizon_warnings(self.config, self.resolved, state.max_steps, self._warmup_steps):
             logger.warning(f"SEMA: {message}")
@@ -200,8 +198,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             self._before_evaluation(control, force=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._swap_out()  # training never continues from swapped-in weights
-        self._pending_evals = 0
+        self._round.reset()  # training never continues from swapped-in weights
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._stepped = not bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
@@ -238,18 +235,12 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._before_evaluation(control)
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs):
-        if self._evaluating_ema or self._pending_evals == 0:
-            return  # our own pass over the average, or an evaluation the user called: weights as they are
-        self._eval_metrics.update(metrics or {})
-        self._pending_evals -= 1
-        if self._pending_evals > 0:
-            return  # more eval sets follow with the same weights
-        uses_ema = self._swap is not None
-        self._swap_out()
+        if not self._round.on_evaluate(metrics):
+            return  # more eval sets follow; or the user's evaluation, or our own pass over the average
+        uses_ema = self._round.uses_ema
         logs = {"eval_uses_ema": float(uses_ema)}
         if self._compares_weights():
-            ema_metrics = self._evaluate_average()
-            self._eval_metrics.update(ema_metrics)
+            ema_metrics = self._round.evaluate_average(self._binding.trainer, self._require_store().swapped_in)
             if metrics is not None:
                 # The Trainer returns this very dict: merged, eval_ema_* can drive metric_for_best_model.
                 metrics.update(ema_metrics)
@@ -261,17 +252,16 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._log(logs, state, control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._swap is not None:
+        if self._round.swapped_in:
             logger.warning("SEMA: a checkpoint was saved while EMA weights were swapped in for evaluation.")
-            self._swap_out()
+            self._round.reset()
         folder = self.checkpoint_folder(state.global_step)
         if self._saved_folder == folder and has_ema_checkpoint(folder):
             return  # written before the Trainer's own save (SEMATrainer)
         self.save_checkpoint(folder, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._swap_out()
-        self._pending_evals = 0
+        self._round.reset()
         if self.store is None:
             self._training = False
             return
@@ -299,7 +289,7 @@ class SEMACallback(TrainerCallback, ExportableState):
     def save_checkpoint_before_trainer(self, run_dir: str, global_step: int) -> None:
         """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``run_dir/checkpoint-<global_step>``:
         the raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
-        self._swap_out()
+        self._round.reset()
         self.save_checkpoint(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"), global_step)
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
@@ -396,17 +386,9 @@ class SEMACallback(TrainerCallback, ExportableState):
         """The switch decision after an evaluation of both weight sets: always True under switch_policy="always"."""
         if self.config.switch_policy != "if_better":
             return True
-        args, trainer = self._args, self._binding.trainer
-        assert args is not None and trainer is not None
-        raw_key, ema_key = evaluation.metric_keys(args.metric_for_best_model, trainer.eval_dataset)
-        missing = [k for k in (raw_key, ema_key) if k not in self._eval_metrics]
-        if missing:
-            raise KeyError(
-                f"SEMA(switch_policy='if_better') compares {raw_key} with {ema_key}, but the evaluation returned no "
-                f"{missing}; available: {sorted(self._eval_metrics)}. Set metric_for_best_model to one of them."
-            )
-        greater = bool(args.greater_is_better) if args.metric_for_best_model else False
-        return evaluation.average_is_better(self._eval_metrics[raw_key], self._eval_metrics[ema_key], greater)
+        trainer = self._binding.trainer
+        assert trainer is not None
+        return self._round.average_wins(self._args, trainer.eval_dataset)
 
     def _final_average_wins(self) -> bool:
         """if_better at train end: reuse the last switch point's decision when no step followed it, else evaluate."""
@@ -414,37 +396,21 @@ class SEMACallback(TrainerCallback, ExportableState):
             return self.last_switch_decision
         trainer = self._binding.trainer
         assert trainer is not None
-        self._eval_metrics = dict(trainer.evaluate())
-        self._eval_metrics.update(self._evaluate_average())
+        self._round.metrics = dict(trainer.evaluate())
+        self._round.evaluate_average(trainer, self._require_store().swapped_in)
         return self._average_wins()
 
-    def _evaluate_average(self) -> dict[str, float]:
-        """Evaluate every eval set with the average swapped in (``eval_ema_*``), through the Trainer."""
-        trainer = self._binding.trainer
-        assert trainer is not None and self.store is not None
-        self._evaluating_ema = True
-        try:
-            with self.store.swapped_in():
-                return trainer.evaluate(metric_key_prefix="eval_ema")
-        finally:
-            self._evaluating_ema = False
-
     def _before_evaluation(self, control: TrainerControl, force: bool = False) -> None:
-        """When the Trainer is about to evaluate (no hook fires before evaluation itself): count the eval sets it
-        will evaluate, and swap the average in if the evaluation is to read it."""
-        if not (control.should_evaluate or force) or not self._training or self._pending_evals > 0:
+        """When the Trainer is about to evaluate (no hook fires before evaluation itself): count its eval sets and
+        swap the average in if the evaluation is to read it."""
+        if not (control.should_evaluate or force) or not self._training:
             return
         trainer = self._binding.trainer
-        self._pending_evals = evaluation.eval_set_count(trainer.eval_dataset if trainer is not None else None)
-        self._eval_metrics = {}
-        if self.config.evaluate_with == "ema" and not self._compares_weights() and self._swap is None:
-            self._swap = ExitStack()
-            self._swap.enter_context(self._require_store().swapped_in())
-
-    def _swap_out(self) -> None:
-        if self._swap is not None:
-            swap, self._swap = self._swap, None
-            swap.close()
+        reads_average = self.config.evaluate_with == "ema" and not self._compares_weights()
+        self._round.begin(
+            trainer.eval_dataset if trainer is not None else None,
+            self._require_store().swapped_in if reads_average else None,
+        )
 
     def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
         if not logs:
@@ -462,23 +428,18 @@ class SEMACallback(TrainerCallback, ExportableState):
         resumed_from = self._binding.resume_from_checkpoint
         if resumed_from is None and not self._binding.found_on_stack and isinstance(args.resume_from_checkpoint, str):
             resumed_from = args.resume_from_checkpoint
-        decision = decide_resume(
+        folder = folder_to_restore(
             resumed_from,
             self.checkpoint_folder(state.global_step),
             state.global_step,
-            expected_checkpoint_id(state.stateful_callbacks),
+            state.stateful_callbacks,
             self.config.allow_fresh_ema_on_resume,
         )
-        decision = agree_across_ranks(decision)
-        if decision.error is not None:
-            raise (FileNotFoundError if decision.missing else ValueError)(decision.error)
-        if decision.folder is None:
+        if folder is None:
             logger.warning("SEMA: no EMA state to restore; starting a fresh average from the restored weights.")
             return
-        self.load_checkpoint(decision.folder)
-        logger.info(
-            f"SEMA: restored the EMA from {decision.folder} (step {state.global_step}, {self.num_switches} switches)."
-        )
+        self.load_checkpoint(folder)
+        logger.info(f"SEMA: restored the EMA from {folder} (step {state.global_step}, {self.num_switches} switches).")
 
 
 def _barrier() -> None:

@@ -10,6 +10,8 @@ own evaluations read the raw weights (``eval_*``), and one more evaluation of ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 
@@ -54,3 +56,78 @@ def weights_behind_best_metric(evaluate_with: str, metric_for_best_model: str | 
     if evaluate_with == "both" and metric.removeprefix("eval_").startswith("ema_"):
         return "ema"
     return "model"
+
+
+class EvaluationRound:
+    """One evaluation by the Trainer's flow, as SEMA sees it: which weights it reads, how many eval sets are
+    left, what they returned; plus the extra pass over the average when raw and EMA weights are compared.
+
+    ``begin`` when ``control.should_evaluate`` was just set (or for ``eval_on_start``); ``on_evaluate`` after each
+    eval set returns True after the last one, with the raw weights back in place. ``swap_out`` is safe at any time.
+    """
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.metrics: dict[str, float] = {}
+        self.uses_ema = False
+        self.evaluating_average = False
+        self._swap: ExitStack | None = None
+
+    @property
+    def swapped_in(self) -> bool:
+        return self._swap is not None
+
+    def begin(self, eval_dataset: Any, swap_in: Callable[[], AbstractContextManager] | None) -> None:
+        """An evaluation of ``eval_dataset`` is about to run; with ``swap_in`` it reads the average."""
+        if self.pending > 0:
+            return
+        self.pending = eval_set_count(eval_dataset)
+        self.metrics = {}
+        self.uses_ema = swap_in is not None
+        if swap_in is not None and self._swap is None:
+            self._swap = ExitStack()
+            self._swap.enter_context(swap_in())
+
+    def on_evaluate(self, metrics: dict[str, float] | None) -> bool:
+        """Record one eval set's metrics; True once the last set of this round was evaluated (weights restored).
+        Evaluations outside a round (the user's, or our own pass over the average) are ignored."""
+        if self.evaluating_average or self.pending == 0:
+            return False
+        self.metrics.update(metrics or {})
+        self.pending -= 1
+        if self.pending > 0:
+            return False
+        self.swap_out()
+        return True
+
+    def evaluate_average(self, trainer: Any, swap_in: Callable[[], AbstractContextManager]) -> dict[str, float]:
+        """Evaluate every eval set with the average swapped in (``eval_ema_*``), through the Trainer."""
+        self.evaluating_average = True
+        try:
+            with swap_in():
+                found = trainer.evaluate(metric_key_prefix="eval_ema")
+        finally:
+            self.evaluating_average = False
+        self.metrics.update(found)
+        return found
+
+    def average_wins(self, args: Any, eval_dataset: Any) -> bool:
+        """Whether the average scored better than the raw weights on ``metric_for_best_model`` in this round."""
+        raw_key, ema_key = metric_keys(args.metric_for_best_model, eval_dataset)
+        missing = [k for k in (raw_key, ema_key) if k not in self.metrics]
+        if missing:
+            raise KeyError(
+                f"SEMA(switch_policy='if_better') compares {raw_key} with {ema_key}, but the evaluation returned no "
+                f"{missing}; available: {sorted(self.metrics)}. Set metric_for_best_model to one of them."
+            )
+        greater = bool(args.greater_is_better) if args.metric_for_best_model else False
+        return average_is_better(self.metrics[raw_key], self.metrics[ema_key], greater)
+
+    def reset(self) -> None:
+        self.swap_out()
+        self.pending = 0
+
+    def swap_out(self) -> None:
+        if self._swap is not None:
+            swap, self._swap = self._swap, None
+            swap.close()

@@ -122,3 +122,21 @@ def agree_across_ranks(decision: ResumeDecision) -> ResumeDecision:
             ),
         )
     return ResumeDecision(None, missing=True)  # worst == 1: another rank starts fresh, so every rank does
+
+
+def folder_to_restore(
+    resumed_from: str | None,
+    fallback_folder: str,
+    global_step: int,
+    stateful_callbacks: dict[str, Any] | None,
+    allow_fresh: bool,
+) -> str | None:
+    """The folder whose EMA this rank restores (None: start fresh), the same decision on every rank; raises
+    ``FileNotFoundError`` (no EMA state) or ``ValueError`` (another checkpoint's EMA) otherwise."""
+    decision = decide_resume(
+        resumed_from, fallback_folder, global_step, expected_checkpoint_id(stateful_callbacks), allow_fresh
+    )
+    decision = agree_across_ranks(decision)
+    if decision.error is not None:
+        raise (FileNotFoundError if decision.missing else ValueError)(decision.error)
+    return decision.folder
