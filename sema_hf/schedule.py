@@ -81,6 +81,17 @@ def completed_epochs_at_epoch_end(state_epoch: float | None, tolerance: float = 
     return nearest if nearest >= 1 and math.isclose(state_epoch, nearest, abs_tol=tolerance) else None
 
 
+def epoch_end_skipped_by_resume(state_epoch: float | None, steps_since_decision: int) -> bool:
+    """Whether a run resuming at ``state_epoch`` must run the switch point of the epoch end it resumes at.
+
+    A checkpoint saved at an epoch's last step by ``save_steps`` is written before that epoch's ``on_epoch_end``
+    (``save_strategy="epoch"`` saves after it), and the resumed Trainer starts with the next epoch, never firing
+    that epoch end. ``steps_since_decision`` (saved with the EMA, reset at every switch decision) tells the two
+    apart: optimizer steps since the last decision mean the epoch end's switch point has not run yet.
+    """
+    return completed_epochs_at_epoch_end(state_epoch) is not None and steps_since_decision > 0
+
+
 def resolve_warmup_steps(warmup_steps: int | None, max_steps: int, num_train_epochs: int | float) -> int:
     """``warmup_steps`` when given, else one epoch of optimizer steps: ``ceil(max_steps / num_train_epochs)``."""
     if warmup_steps is not None:
