@@ -268,7 +268,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         final = self.config.final_weights
         if args.load_best_model_at_end and state.best_model_checkpoint:
             # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
-            final = evaluation.weights_behind_best_metric(self.config.evaluate_with, args.metric_for_best_model)
+            measured = "both" if self._compares_weights() else self.config.evaluate_with
+            final = evaluation.weights_behind_best_metric(measured, args.metric_for_best_model)
             if final == "ema":
                 self.load_checkpoint(state.best_model_checkpoint)
         elif final == "ema" and self.config.switch_policy == "if_better":
