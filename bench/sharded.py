@@ -1,4 +1,5 @@
-"""Sharded EMA on 2 ranks: SEMA's shard-local average against a gather-every-step EMA, under ZeRO-3 and FSDP2.
+"""Sharded EMA on 2 ranks: SEMA's shard-local average against a gather-every-step EMA, under ZeRO-3 and FSDP2;
+under DDP, the full-copy average against ``shard_under_ddp``.
 
 What is compared, in the same processes, round by round:
 
@@ -16,7 +17,14 @@ Reported per rank: the bytes of EMA state held, the largest transient buffer an 
 for gather-every-step, nothing for ours), and the update time (median, min, max over the rounds; every round starts
 after a barrier so that both ranks measure the same thing).
 
-Run: ``python bench/sharded.py [--model gpt2-small] [--rounds 7] [--engines zero3,fsdp2] [--json out.json]``
+DDP rows (``--engines ddp``): the parameters are replicas, so the question is a different one, the full-copy average
+every DDP rank keeps by default (`LocalAdapter`) against ``shard_under_ddp`` (`DDPShardedAdapter`: each rank averages
+a contiguous 1/W of the flattened trainable elements). Reported per rank: EMA state, update time, switch time (ours
+includes the one all-gather that makes the replicas identical again), the time to swap the average in and out for an
+evaluation (ours: one all-gather in, a local copy out), and the transient buffers a switch and an evaluation need
+(from the buffer sizes the code allocates).
+
+Run: ``python bench/sharded.py [--model gpt2-small] [--rounds 7] [--engines zero3,fsdp2,ddp] [--json out.json]``
 (relaunches itself on 2 CPU ranks with torchrun and gloo; or start it with ``torchrun --nproc_per_node 2`` yourself).
 """
 
@@ -168,6 +176,104 @@ def bench_engine(kind: str, model_name: str, rounds: int) -> list[dict]:
     return rows
 
 
+def bench_ddp(model_name: str, rounds: int) -> list[dict]:
+    """DDP replicas: the full-copy average on every rank against ``shard_under_ddp`` (update, switch, swap)."""
+    from sema_hf.engines.ddp_sharded import SWAP_CHUNK, DDPShardedAdapter
+
+    model = build_model(model_name)
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    full = detect_engine(wrapped, optimizer)
+    shared = detect_engine(wrapped, optimizer, shard_under_ddp=True)
+    assert isinstance(shared, DDPShardedAdapter), type(shared)
+    stores = {
+        "full copy": EMAStore(full.slots(), after_write=full.after_write),
+        "shard_under_ddp": EMAStore(
+            shared.slots(), after_write=shared.after_write, backup_forward=shared.backup_forward
+        ),
+    }
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    itemsize = next(model.parameters()).element_size()
+
+    def swap(store: EMAStore) -> None:
+        with store.swapped_in():
+            pass
+
+    ops = {"update": lambda store: store.update(DECAY), "switch": lambda store: store.switch(), "swap": swap}
+    times = {(name, op): [] for name in stores for op in ops}
+    for r in range(rounds + 1):  # round 0 warms up
+        order = list(stores.items()) if r % 2 else list(stores.items())[::-1]
+        for op, run in ops.items():
+            for name, store in order:
+                elapsed = timed(lambda run=run, store=store: run(store))
+                if r:
+                    times[(name, op)].append(elapsed)
+    transient = {
+        "full copy": {"switch": 0, "swap": total * itemsize},  # the store's clone of every parameter
+        "shard_under_ddp": {
+            "switch": shared.flat_numel * itemsize,  # the gathered flat buffer
+            # + this rank's raw range + the exchange's scratch
+            "swap": (shared.flat_numel + shared.local_numel + min(SWAP_CHUNK, total)) * itemsize,
+        },
+    }
+    rows = []
+    for name, store in stores.items():
+        row = {
+            "engine": "ddp",
+            "method": name,
+            "rank": dist.get_rank(),
+            "params": total,
+            "ema_bytes": store.local_numel * 4,
+            "switch_transient_bytes": transient[name]["switch"],
+            "swap_transient_bytes": transient[name]["swap"],
+        }
+        for op in ops:
+            values = times[(name, op)]
+            row.update(
+                {
+                    f"{op}_median_ms": 1e3 * statistics.median(values),
+                    f"{op}_min_ms": 1e3 * min(values),
+                    f"{op}_max_ms": 1e3 * max(values),
+                }
+            )
+        # ratio of ours to the full copy, paired round by round (load that comes and goes cancels)
+        rows.append(row)
+    for op in ops:
+        ratios = [a / b for a, b in zip(times[("shard_under_ddp", op)], times[("full copy", op)], strict=True)]
+        rows[1][f"{op}_ratio_to_full"] = statistics.median(ratios)
+    del stores, wrapped, optimizer, full, shared
+    return rows
+
+
+def print_ddp_table(rows: list[dict], model: str, rounds: int) -> None:
+    mib = 2**20
+    print(
+        f"\nDDP, {model} ({rows[0]['params'] / 1e6:.1f}M trainable), 2 ranks (gloo, CPU, 1 thread each), "
+        f"decay {DECAY}, {rounds} rounds, torch {torch.__version__}\n"
+    )
+    print(
+        "| EMA | rank | EMA state per rank | update median (min-max) | switch median (min-max) | "
+        "swap in+out median (min-max) | transient: switch / evaluation |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["method"] != "full copy", r["rank"])):
+        cells = [
+            f"{row[f'{op}_median_ms']:.1f} ms ({row[f'{op}_min_ms']:.1f}-{row[f'{op}_max_ms']:.1f})"
+            for op in ("update", "switch", "swap")
+        ]
+        print(
+            f"| {row['method']} | {row['rank']} | {row['ema_bytes'] / mib:.1f} MiB | {' | '.join(cells)} | "
+            f"{row['switch_transient_bytes'] / mib:.1f} / {row['swap_transient_bytes'] / mib:.1f} MiB |"
+        )
+    print("\nshard_under_ddp / full copy (median over rounds of the paired ratio):")
+    for row in sorted((r for r in rows if "update_ratio_to_full" in r), key=lambda r: r["rank"]):
+        print(
+            f"  rank {row['rank']}: update {row['update_ratio_to_full']:.2f}x, switch {row['switch_ratio_to_full']:.2f}x, "
+            f"swap {row['swap_ratio_to_full']:.2f}x; EMA state "
+            f"{row['ema_bytes'] / next(r['ema_bytes'] for r in rows if r['method'] == 'full copy'):.2f}x"
+        )
+
+
 def print_table(rows: list[dict], model: str, rounds: int) -> None:
     mib = 2**20
     print(
@@ -188,12 +294,16 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rows: list[dict] = []
     for kind in args.engines.split(","):
-        rows += bench_engine(kind, args.model, args.rounds)
+        rows += bench_ddp(args.model, args.rounds) if kind == "ddp" else bench_engine(kind, args.model, args.rounds)
     gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, rows)
     if dist.get_rank() == 0:
         every = [row for rank_rows in gathered for row in rank_rows]
-        print_table(every, args.model, args.rounds)
+        sharded = [row for row in every if row["engine"] != "ddp"]
+        if sharded:
+            print_table(sharded, args.model, args.rounds)
+        if len(sharded) < len(every):
+            print_ddp_table([row for row in every if row["engine"] == "ddp"], args.model, args.rounds)
         if args.json:
             Path(args.json).write_text(json.dumps(every, indent=2))
     dist.barrier()
@@ -214,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--engines", default="zero3,fsdp2")
+    parser.add_argument("--engines", default="zero3,fsdp2,ddp", help="comma-separated: zero3, fsdp2, ddp")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if "RANK" not in os.environ:
