@@ -100,7 +100,8 @@ def decide_resume(
 
 def agree_across_ranks(decision: ResumeDecision) -> ResumeDecision:
     """The same decision on every rank: if any rank cannot restore, none does (all raise, or all start fresh
-    when each failing rank only misses its files and a fresh start is allowed). One all-reduce of one integer."""
+    when each failing rank only misses its files and a fresh start is allowed). One all-reduce of one integer;
+    when some rank fails, one all-gather of the errors, so that every rank raises the same error naming them."""
     code = 2 if decision.error is not None else (1 if decision.folder is None else 0)  # error, fresh, restore
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return decision
@@ -109,19 +110,34 @@ def agree_across_ranks(decision: ResumeDecision) -> ResumeDecision:
         flag = flag.cuda()
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     worst = int(flag.item())
+    if worst == 2:
+        return _same_error_on_every_rank(decision)
     if worst == code:
         return decision
-    rank = torch.distributed.get_rank()
-    if worst == 2:
-        return ResumeDecision(
-            None,
-            error=(
-                f"Rank {rank} could restore the EMA from {decision.folder!r}, but another rank could not (its error "
-                "is in that rank's log; with save_on_each_node each node reads its own copy of the checkpoint). "
-                "No rank restores, so that the replicas cannot diverge."
-            ),
-        )
     return ResumeDecision(None, missing=True)  # worst == 1: another rank starts fresh, so every rank does
+
+
+def _same_error_on_every_rank(decision: ResumeDecision) -> ResumeDecision:
+    """Some rank cannot restore: every rank gets one error that quotes each failing rank's reason (with
+    ``save_on_each_node`` each node reads its own copy, so the reasons can differ between nodes)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (decision.error, decision.missing))
+    failed = [(rank, error, missing) for rank, (error, missing) in enumerate(gathered) if error is not None]
+    if len(failed) == len(gathered) and len({error for _, error, _ in failed}) == 1:
+        return ResumeDecision(None, error=failed[0][1], missing=failed[0][2])  # one reason, the same everywhere
+    by_error: dict[str, list[int]] = {}
+    for rank, error, _ in failed:
+        by_error.setdefault(error, []).append(rank)
+    reasons = " ".join(f"Rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {e}" for e, r in by_error.items())
+    restorable = len(gathered) - len(failed)
+    return ResumeDecision(
+        None,
+        missing=all(missing for _, _, missing in failed),
+        error=(
+            f"SEMA cannot restore the EMA on {len(failed)} of {len(gathered)} ranks ({restorable} could), so no rank "
+            f"restores it: the replicas would diverge. {reasons}"
+        ),
+    )
 
 
 def folder_to_restore(

@@ -1,11 +1,14 @@
-"""Test helper: run a Python script on 2 gloo ranks on CPU with torchrun, on a fresh port, with a timeout."""
+"""Test helpers: run a Python script on 2 gloo ranks on CPU with torchrun (as one node, or as 2 one-process
+nodes), on a fresh port, with a timeout."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ENV = {
@@ -43,3 +46,48 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, 
         if attempt == retries:
             raise AssertionError(f"torchrun {script} failed with code {proc.returncode}:\n{output[-6000:]}")
     raise AssertionError("unreachable")
+
+
+def run_nodes(script: str, *args: str, nnodes: int = 2, timeout: float = 240) -> list[str]:
+    """Launch ``script`` as ``nnodes`` one-process "nodes": one torchrun per node (``--nnodes``/``--node_rank``),
+    all started at once on this machine and meeting on a fresh port; ``NODE_RANK`` tells each worker its node.
+    Return each node's output, or fail with all of them (a node still running at ``timeout`` is killed).
+    """
+    env = {**os.environ, **OFFLINE_ENV}
+    script = script if os.path.isabs(script) else os.path.join(REPO_ROOT, script)
+    port = free_port()
+    procs = []
+    for node in range(nnodes):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node}",
+            "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", script, *args,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env={**env, "NODE_RANK": str(node)},
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    outputs, failed = [], []
+    deadline = time.monotonic() + timeout
+    for node, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in procs:  # each launcher leads its own process group: end it with its worker
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            failed.append(f"node {node} still running after {timeout:.0f} s")
+        outputs.append(out)
+        if proc.returncode != 0 and not failed:
+            failed.append(f"node {node} exited with code {proc.returncode}")
+    if failed:
+        report = "\n".join(f"--- node {n} ---\n{out[-4000:]}" for n, out in enumerate(outputs))
+        raise AssertionError(f"{script} on {nnodes} nodes: {'; '.join(failed)}\n{report}")
+    return outputs
