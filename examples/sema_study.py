@@ -16,7 +16,7 @@ every variant starts from the same weights and sees the same batches in the same
 
 * ``vit-long``: a small ViT from scratch on an MNIST subset, long enough (``VIT_EPOCHS`` epochs) that training
   accuracy passes 99%: the regime where the paper expects averaging to help generalization.
-* ``horizon``: the same runs with the averaging horizon H = 1/(1-m) at 0.1, 0.3, 1 and 3 epochs, for `ema` and
+* ``horizon``: the same runs with the averaging horizon H = 1/(1-m) at 0.15, 0.3, 1 and 3 epochs, for `ema` and
   `sema`.
 * ``switch-start``: `sema` switching from the first epoch vs from about a sixth of the run.
 * ``if-better``: `sema` with ``switch_policy="if_better"`` (the average is copied in only when it evaluates better).
@@ -175,16 +175,16 @@ def run_flags(task: Task, variant: Variant, seed: int, output_dir: str) -> list[
 
 
 # ---- the tasks and pieces ---------------------------------------------------------------------------------------
-VIT_EPOCHS = 30
+VIT_EPOCHS = 40
 VIT = Task(
     name="vit",
-    title=f"ViT (hidden 64, 2 layers) from scratch on 512 MNIST digits, {VIT_EPOCHS} epochs (test accuracy)",
+    title=f"ViT (hidden 64, 2 layers) from scratch on 256 MNIST digits, {VIT_EPOCHS} epochs (test accuracy)",
     script="run_image_classification",
     metric="eval_accuracy",
     higher_is_better=True,
     metric_label="test accuracy",
-    train_samples=512,
-    eval_samples=500,
+    train_samples=256,
+    eval_samples=250,
     batch_size=32,
     epochs=VIT_EPOCHS,
     flags=("--per_device_eval_batch_size", "250", "--warmup_steps", "16"),
@@ -233,7 +233,9 @@ SMOLLM2_FULL = Task(
 )
 TASKS = {t.name: t for t in (VIT, SMOLLM2_LORA, SMOLLM2_FULL)}
 
-HORIZONS = (0.1, 0.3, 1.0, 3.0)
+# The issue asks for about 0.1, 0.3, 1 and 3 epochs; at 8 steps per epoch 0.1 epoch is under one step (no average at
+# all), so the shortest horizon here is 0.15 epoch (1.2 steps, decay 0.17).
+HORIZONS = (0.15, 0.3, 1.0, 3.0)
 BASE_HORIZON = 0.3  # the horizon of the pieces that vary something else
 
 
@@ -612,6 +614,37 @@ def summarize_delta(summary: Mapping[str, Mapping[str, Any]], key: str) -> dict[
     return {"mean": mean, "std": std, "n": len(diffs), "values": diffs}
 
 
+def regime_table(tables: Mapping[str, tuple[list[str], dict[str, Any]] | None]) -> list[str]:
+    """One row per piece that ran: the `ema` and the `sema` variant with the best mean Δ final vs `none`, as
+    mean ± std over seeds, and the run size. Best by mean only; the std says whether it is a real difference."""
+    lines = [
+        "| piece | run size | `none` final | best `ema` variant: Δ final | best `sema` variant: Δ final |",
+        "|---|---|---|---|---|",
+    ]
+    for name, table in tables.items():
+        if table is None:
+            continue
+        piece = PIECES[name]
+        summary = table[1]["summary"]
+        digits = 4 if piece.task.higher_is_better else 3
+        sign = 1.0 if piece.task.higher_is_better else -1.0
+        cells = []
+        for mode in ("ema", "sema"):
+            keys = [k for k in summary if k.split(" ", 1)[0] == mode]
+            if not keys:
+                cells.append("not run")
+                continue
+            best = max(keys, key=lambda k: sign * summary[k]["delta_vs_none"]["mean"])
+            cells.append(f"`{best}`: {format_mean_std(summary[best]['delta_vs_none'], digits)}")
+        size = (
+            f"{piece.task.train_samples} examples x {piece.task.epochs} epochs = {piece.task.total_steps} steps, "
+            f"{len(table[1]['seeds'])} seeds"
+        )
+        none = format_mean_std(summary[REFERENCE_MODE]["final"], digits)
+        lines.append(f"| `{name}` | {size} | {none} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 STYLES = {"none": "tab:gray", "ema": "tab:blue", "sema": "tab:red"}
 
 
@@ -727,6 +760,9 @@ def report(output_dir: str) -> dict[str, Any]:
         rest = "-" if not status["missing"] else f"`python examples/sema_study.py --pieces {name}`"
         lines.append(f"| `{name}` | {status['done']}/{status['runs']} | {status['seconds'] / 60:.1f} min | {rest} |")
         results["pieces"][name] = {"status": status, "question": piece.question, "task": asdict(piece.task)}
+    tables = {name: piece_table(piece, runs) for name, piece in PIECES.items()}
+    lines += ["", "## Summary: the best `ema` and `sema` variant of each piece against `none`", ""]
+    lines += regime_table(tables)
     for name, piece in PIECES.items():
         task = piece.task
         lines += ["", f"## `{name}`: {piece.question}", ""]
@@ -735,7 +771,7 @@ def report(output_dir: str) -> dict[str, Any]:
             f"steps per epoch, {task.total_steps} in all; evaluated on {task.eval_samples} examples after every "
             f"epoch. Seeds {list(piece.seeds)}."
         )
-        table = piece_table(piece, runs)
+        table = tables[name]
         if table is None:
             lines += ["", "Not run yet (or not enough of it to compare): "
                       f"`python examples/sema_study.py --pieces {name}`."]  # fmt: skip

@@ -118,3 +118,111 @@ def test_format_mean_std_counts_negative_values_when_asked():
     assert compare.format_mean_std(summary, 1) == "2.0 ± 3.0"
     assert compare.format_mean_std(summary, 1, count_negative=True) == "2.0 ± 3.0 (1/3 < 0)"
     assert compare.format_mean_std(compare.summarize([1.0]), 1, count_negative=True) == "1.0 ± 0.0"
+
+
+# ---- examples/sema_study.py: the resumable study (no training: run_one is replaced by fake records) -----------------
+STUDY_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "sema_study.py")
+study_spec = importlib.util.spec_from_file_location("sema_study", STUDY_SCRIPT)
+study = importlib.util.module_from_spec(study_spec)
+sys.modules["sema_study"] = study
+study_spec.loader.exec_module(study)
+
+
+def test_decay_for_a_horizon_in_epochs_is_one_minus_one_over_the_horizon_in_steps():
+    assert study.decay_for(0.5, 8) == pytest.approx(0.75)  # H = 4 steps
+    assert study.decay_for(3.0, 8) == pytest.approx(1 - 1 / 24)
+    with pytest.raises(ValueError, match="exceed 1 step"):
+        study.decay_for(0.1, 8)
+    # every horizon of every piece is a real average on its task
+    for piece in study.PIECES.values():
+        for variant in piece.variants:
+            if variant.mode != "none":
+                assert 0.0 < study.decay_for(variant.horizon_epochs, piece.task.steps_per_epoch) < 1.0
+
+
+def test_variants_of_a_seed_differ_only_in_their_sema_and_scheduler_flags():
+    task = study.VIT
+    sema_flags = {"--sema_mode", "--decay", "--switch_start_epoch", "--switch_policy", "--lr_scheduler_type"}
+
+    def rest(flags):
+        out, skip = [], False
+        for flag in flags:
+            if skip:
+                skip = False
+            elif flag in sema_flags:
+                skip = True
+            else:
+                out.append(flag)
+        return out
+
+    piece = study.PIECES["horizon"]
+    runs = [study.run_flags(task, v, 1, "out") for v in piece.variants]
+    assert all(rest(flags) == rest(runs[0]) for flags in runs)
+    sema = study.run_flags(task, study.Variant("sema", horizon_epochs=1.0, switch_policy="if_better"), 1, "out")
+    assert sema[sema.index("--decay") + 1] == repr(1 - 1 / task.steps_per_epoch)
+    assert sema[sema.index("--switch_policy") + 1] == "if_better" and sema[sema.index("--seed") + 1] == "1"
+    assert "--decay" not in study.run_flags(task, study.Variant("none"), 1, "out")
+
+
+def test_pieces_share_runs_that_are_the_same_run():
+    long_ids = {study.run_id(p.task, v, s) for p in [study.PIECES["vit-long"]] for v, s in p.runs()}
+    sweep_ids = {study.run_id(p.task, v, s) for p in [study.PIECES["horizon"]] for v, s in p.runs()}
+    assert long_ids <= sweep_ids  # vit-long is the sweep's point at the base horizon
+    keys = [v.key() for p in study.PIECES.values() for v in p.variants]
+    assert "sema_h0.3_start6" in keys and "sema_h0.3_if-better" in keys and "none_lr-constant" in keys
+
+
+def _fake_record(task, variant, seed, final):
+    steps = [task.steps_per_epoch * (e + 1) for e in range(task.epochs)]
+    values = [final - 0.01 * (task.epochs - 1 - e) for e in range(task.epochs)]
+    return {
+        "run_id": study.run_id(task, variant, seed),
+        "task": task.name,
+        "variant": {},
+        "seed": seed,
+        "train_seconds": 10.0,
+        "diagnostic_seconds": 2.0,
+        "curve": {"steps": steps, "values": values},
+        "diagnostics": {"sharpness": 5.0 + seed, "flatness": 0.01, "train_accuracy": 1.0},
+    }
+
+
+def test_the_study_resumes_skipping_cached_runs_and_reports_from_the_json(tmp_path, monkeypatch):
+    task = study.Task(**{**study.asdict(study.VIT), "epochs": 3})
+    piece = study.Piece("vit-long", task, tuple(study._trio()), "q?")
+    monkeypatch.setattr(study, "PIECES", {"vit-long": piece})
+    finals = {"none": 0.80, "ema": 0.82, "sema": 0.78}
+    calls = []
+
+    def fake_run_one(task, variant, seed, work_dir):
+        calls.append((variant.key(), seed))
+        return _fake_record(task, variant, seed, finals[variant.mode] + 0.01 * seed)
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    out = str(tmp_path / "evidence")
+    study.main(["--pieces", "vit-long", "--seeds", "0", "1", "--output_dir", out])
+    assert len(calls) == 6 and len(os.listdir(os.path.join(out, "runs"))) == 6
+    study.main(["--pieces", "vit-long", "--output_dir", out])  # only seed 2 is missing
+    assert len(calls) == 9 and all(seed == 2 for _, seed in calls[6:])
+    study.main(["--pieces", "vit-long", "--output_dir", out])
+    assert len(calls) == 9  # everything cached: nothing runs
+
+    results = study.report(out)
+    summary = results["pieces"]["vit-long"]["summary"]
+    assert summary["none"]["final"]["values"] == pytest.approx([0.80, 0.81, 0.82])
+    assert summary["ema H=0.3 ep"]["delta_vs_none"]["mean"] == pytest.approx(0.02)
+    assert summary["sema H=0.3 ep"]["delta_vs_none"]["values"] == pytest.approx([-0.02] * 3)
+    assert summary["sema H=0.3 ep"]["best"]["mean"] == pytest.approx(0.79)
+    text = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert "| `vit-long` | 9/9 | 1.8 min | - |" in text
+    assert "`ema H=0.3 ep`: 0.0200 ± 0.0000" in text and "`sema H=0.3 ep`: -0.0200 ± 0.0000" in text
+    assert os.path.isfile(os.path.join(out, "curves_vit-long.png"))
+
+
+def test_a_piece_not_run_yet_says_so_with_its_command(tmp_path):
+    text_dir = str(tmp_path / "empty")
+    os.makedirs(text_dir)
+    study.report(text_dir)
+    text = open(os.path.join(text_dir, "results.md"), encoding="utf-8").read()
+    assert "| `smollm2-full` | 0/9 | 0.0 min | `python examples/sema_study.py --pieces smollm2-full` |" in text
+    assert "Not run yet" in text

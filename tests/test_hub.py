@@ -38,3 +38,21 @@ def test_last_eval_metrics_prefers_the_ema_evaluation():
     assert last_eval_metrics(history) == {"eval_loss": 1.8}
     assert last_eval_metrics([{"eval_loss": 2.0}, {"loss": 1.0}]) == {"eval_loss": 2.0}
     assert last_eval_metrics([{"loss": 1.0}]) == {}
+
+
+def test_fix_empty_base_model_link_says_trained_from_scratch_and_leaves_real_links_alone(tmp_path):
+    from sema_hf.hub import fix_empty_base_model_link
+
+    empty = "---\nlicense: mit\n---\n\n# m\n\nThis model is a fine-tuned version of [](https://huggingface.co/) on the x dataset.\n"
+    (tmp_path / "README.md").write_text(empty)
+    assert fix_empty_base_model_link(str(tmp_path)) is True
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "This model was trained from scratch on the x dataset." in card.text and "[](" not in card.text
+    assert card.data.license == "mit"
+    real = (
+        "---\nbase_model: a/b\n---\n\nThis model is a fine-tuned version of [a/b](https://huggingface.co/a/b) on y.\n"
+    )
+    (tmp_path / "README.md").write_text(real)
+    assert fix_empty_base_model_link(str(tmp_path)) is False
+    assert "[a/b](https://huggingface.co/a/b)" in (tmp_path / "README.md").read_text()
+    assert fix_empty_base_model_link(str(tmp_path / "missing")) is False
