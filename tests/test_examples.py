@@ -16,6 +16,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import HfArgumentParser, TrainingArguments
 
 from launch import REPO_ROOT, run_torchrun
 
@@ -114,6 +115,25 @@ def test_run_clm_saves_the_sema_model_and_reports_its_perplexity(clm_run):
     assert set(SEMA_TAGS) <= set(card.data.tags)
     assert SECTION_BEGIN in card.text and "2402.09240" in card.text
     assert f"| perplexity | {metrics['perplexity']:.4f} |" in card.text
+    # Built from a config: no empty "fine-tuned version of [](https://huggingface.co/)" link, no base_model.
+    assert "[](" not in card.text and "This model was trained from scratch on" in card.text
+    assert card.data.get("base_model") is None
+    # The random init was evaluated before training, and the script wrote some text at the end.
+    assert metrics["before_eval_loss"] > metrics["eval_loss"]
+
+
+def test_run_clm_prints_the_eval_before_and_after_training_and_some_generated_text(clm_run, capsys, tmp_path):
+    pretrained, _, _ = clm_run
+    out = str(tmp_path / "printed")
+    args = ["--model_name_or_path", pretrained, "--output_dir", out, *TINY_RUN, "--generation_max_new_tokens", "5"]
+    metrics = run_clm.main(args + ["--generation_prompts", "PROSPERO.\n", "MIRANDA."])
+    printed = capsys.readouterr().out
+    before = f"*** Before training (pretrained {pretrained}): eval_loss {metrics['before_eval_loss']:.4f}, perplexity"
+    assert before in printed
+    assert f"*** SEMA model, EMA weights: eval_loss {metrics['eval_loss']:.4f}" in printed
+    samples = printed.split("*** What the trained model writes (greedy) ***", 1)[1].split("\n---\n")
+    assert samples[0].lstrip("\n").startswith("PROSPERO.") and samples[1].startswith("MIRANDA.")
+    assert metrics["before_perplexity"] == pytest.approx(math.exp(metrics["before_eval_loss"]))
 
 
 @pytest.mark.parametrize("mode, switches", [("ema", 0), ("none", None)])
@@ -200,7 +220,7 @@ def test_push_to_hub_uploads_the_sema_model_with_its_card(captured, tmp_path, mo
     card = _card(folder)
     assert set(SEMA_TAGS) <= set(card.data.tags)
     assert SECTION_BEGIN in card.text and "https://arxiv.org/abs/2402.09240" in card.text
-    assert "| `decay` | `0.95` |" in card.text and f"| eval_loss | {metrics['eval_loss']:.4f} |" in card.text
+    assert "| `horizon_epochs` | `0.3` |" in card.text and f"| eval_loss | {metrics['eval_loss']:.4f} |" in card.text
 
 
 def test_run_image_classification_saves_the_sema_vit_and_its_accuracy(captured, tmp_path):
@@ -231,6 +251,128 @@ def test_run_image_classification_lora_keeps_the_head_trainable_and_saves_the_av
     loaded = PeftModel.from_pretrained(base, out)
     for name, value in callback.ema_state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+# ---- the main job: SmolLM2 with no flag at all -------------------------------------------------------------------
+# A run of one optimizer step on 2 blocks of 16 tokens: the real 135M model, but seconds of compute (loading the GGUF
+# is most of it, so the de-quantized model is loaded once for the module and deep-copied per run).
+TINY_SMOLLM2_RUN = [
+    "--block_size", "16",
+    "--max_train_samples", "2",
+    "--max_eval_samples", "2",
+    "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "2",
+    "--num_train_epochs", "1",
+    "--decay", "0.5",  # one step per epoch: the default horizon (0.3 epoch) would be under one step
+    "--generation_max_new_tokens", "3",
+    "--disable_tqdm", "True",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm2_loader():
+    import copy
+
+    original = run_clm.load_gguf_model
+    loaded = []
+
+    def load_once(model_args):
+        if not loaded:
+            loaded.append(original(model_args))
+        return copy.deepcopy(loaded[0])
+
+    run_clm.load_gguf_model = load_once
+    yield loaded
+    run_clm.load_gguf_model = original
+
+
+def test_run_clm_with_no_flags_fine_tunes_smollm2_on_the_embedded_corpus():
+    defaults = run_clm.script_defaults([])
+    assert defaults["model_name_or_path"] == run_clm.SMOLLM2 and defaults["use_lora"] is True
+    assert {k: defaults[k] for k in run_clm.SMOLLM2_DEFAULTS} == run_clm.SMOLLM2_DEFAULTS
+    # A from-scratch flag gets the small GPT-2 and its learning rate; other data keeps SmolLM2 at full size.
+    for flag in (["--model_type", "gpt2"], ["--config_overrides", "n_layer=2"], ["--config_name", "gpt2"]):
+        scratch = run_clm.script_defaults(flag)
+        assert "model_name_or_path" not in scratch and scratch["learning_rate"] == 1e-3 and "use_lora" not in scratch
+    other_data = run_clm.script_defaults(["--dataset_name", "Salesforce/wikitext"])
+    assert other_data["model_name_or_path"] == run_clm.SMOLLM2 and "max_train_samples" not in other_data
+    hub_model = run_clm.script_defaults(["--model_name_or_path", "openai-community/gpt2"])
+    assert "use_lora" not in hub_model and "learning_rate" not in hub_model
+
+
+def test_run_clm_default_full_fine_tune_of_smollm2_records_the_hub_id(smollm2_loader, captured, tmp_path, capsys):
+    out = str(tmp_path / "smollm2-full")
+    metrics = run_clm.main(["--output_dir", out, "--use_lora", "false", *TINY_SMOLLM2_RUN])
+    printed = capsys.readouterr().out
+    (callback,) = captured
+    assert callback.num_switches == 1
+    # A pretrained model: far below the loss of a uniform guess over its 49k-token vocabulary (ln 49152 = 10.8).
+    assert metrics["before_eval_loss"] < 7.0
+    assert f"*** Before training (pretrained {run_clm.SMOLLM2_HUB_ID})" in printed
+    assert "*** What the trained model writes (greedy) ***\nPROSPERO." in printed
+    _assert_equal_to_ema(load_file(os.path.join(out, "model.safetensors")), callback)
+    card = _card(out)
+    assert card.data.base_model == run_clm.SMOLLM2_HUB_ID
+    assert f"fine-tuned version of [{run_clm.SMOLLM2_HUB_ID}](https://huggingface.co/{run_clm.SMOLLM2_HUB_ID})" in (
+        card.text
+    )
+    for name in os.listdir(out):
+        if name.endswith((".json", ".md")):
+            with open(os.path.join(out, name), encoding="utf-8") as f:
+                assert "site-packages" not in f.read(), f"{name} names this machine's package folder"
+
+
+def test_run_clm_default_lora_adapter_of_smollm2_points_at_the_hub_id(smollm2_loader, captured, tmp_path):
+    import json
+
+    out = str(tmp_path / "smollm2-lora")
+    metrics = run_clm.main(["--output_dir", out, "--lora_r", "2", *TINY_SMOLLM2_RUN])
+    (callback,) = captured
+    assert 0 < metrics["ema_fraction_of_model"] < 0.01  # only the adapter is averaged
+    with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["base_model_name_or_path"] == run_clm.SMOLLM2_HUB_ID
+    assert _card(out).data.base_model == run_clm.SMOLLM2_HUB_ID
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    _assert_equal_to_ema(saved, callback, rename=lambda k: k.replace(".default.", "."))
+
+
+# ---- mistyped paths ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["./my-model", "../models/gpt2", "/no/such/model", "~/models/x", "runs/a/b", "out/"])
+def test_a_mistyped_local_model_path_says_it_does_not_exist_before_loading_anything(name, tmp_path):
+    missing = name if not name.startswith("/") else str(tmp_path / name.lstrip("/"))
+    for main, extra in ((run_clm.main, TINY_CLM), (run_image_classification.main, TINY_VIT)):
+        with pytest.raises(ValueError, match="does not exist") as error:
+            main(["--model_name_or_path", missing, "--output_dir", str(tmp_path / "out"), *extra])
+        assert "--model_name_or_path" in str(error.value) and "Repo id" not in str(error.value)
+    with pytest.raises(ValueError, match="--tokenizer_name .* does not exist"):
+        run_clm.main(["--tokenizer_name", missing, "--output_dir", str(tmp_path / "out"), *TINY_CLM])
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [("gpt2", False), ("openai-community/gpt2", False), ("smollm2", False), ("./gpt2", True), ("a/b/c", True)],
+)
+def test_only_names_that_cannot_be_hub_repo_ids_count_as_local_paths(name, local):
+    assert example_utils.looks_like_local_path(name) is local
+
+
+def test_an_existing_local_folder_is_accepted(clm_run, tmp_path):
+    pretrained, _, _ = clm_run
+    example_utils.check_local_path(pretrained, "model_name_or_path")  # no error
+    example_utils.check_local_path("openai-community/gpt2", "model_name_or_path")  # a Hub id is not checked here
+
+
+def test_the_horizon_is_the_examples_default_and_decay_replaces_it():
+    sema_args = example_utils.sema_arguments(TrainingArguments)
+    parser = HfArgumentParser((TrainingArguments, sema_args))
+    defaults = {"horizon_epochs": 0.3, "output_dir": "x"}
+    _, values = example_utils.parse_args(parser, [], defaults)
+    assert example_utils.to_sema_config(values).horizon_epochs == 0.3
+    for flag, value in (("--decay", "0.9"), ("--horizon_steps", "7")):
+        parser = HfArgumentParser((TrainingArguments, sema_args))
+        _, values = example_utils.parse_args(parser, [flag, value], defaults)
+        config = example_utils.to_sema_config(values)
+        assert config.horizon_epochs is None and getattr(config, flag[2:]) == float(value)
 
 
 def test_sema_flags_match_the_config_and_the_clashing_one_is_prefixed():
