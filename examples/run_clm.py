@@ -639,6 +639,13 @@ def load_gguf_model(model_args: ModelArguments) -> torch.nn.Module:
     GGUF quantization config. The weights are already plain fp32 tensors, so they are moved into a fresh model built
     from the same config without the quantization entry.
     """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "A GGUF checkpoint (--model_name_or_path smollm2 or --gguf_file) cannot be loaded under DeepSpeed ZeRO-3: "
+            "it is de-quantized whole on each process. Use another engine, a regular checkpoint, or --model_type gpt2."
+        )
     folder, gguf_file = _gguf_location(model_args)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config = loaded.config

@@ -336,6 +336,14 @@ def test_run_clm_default_lora_adapter_of_smollm2_points_at_the_hub_id(smollm2_lo
     _assert_equal_to_ema(saved, callback, rename=lambda k: k.replace(".default.", "."))
 
 
+def test_a_gguf_checkpoint_under_zero3_is_refused_before_loading(monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="cannot be loaded under DeepSpeed ZeRO-3"):
+        run_clm.load_gguf_model(run_clm.ModelArguments(model_name_or_path=run_clm.SMOLLM2))
+
+
 # ---- mistyped paths ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["./my-model", "../models/gpt2", "/no/such/model", "~/models/x", "runs/a/b", "out/"])
 def test_a_mistyped_local_model_path_says_it_does_not_exist_before_loading_anything(name, tmp_path):
