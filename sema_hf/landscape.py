@@ -38,6 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .engines.names import canonical_name, unwrap_model
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 DEFAULT_ALPHAS: tuple[float, ...] = (-0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
@@ -443,8 +445,11 @@ class LossProfile:
 
 
 def _ema_pairs(model: nn.Module, ema_state: Mapping[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Pair each parameter with its EMA tensor BY NAME (tied weights: any of their names)."""
+    """Pair each parameter with its EMA tensor BY NAME (tied weights: any of their names). Names of a wrapped model
+    (compiled, checkpoint-wrapped, DDP) match both as it reports them and as the unwrapped model has them, the keys
+    of ``SEMACallback.ema_state_dict()``."""
     by_name = dict(model.named_parameters(remove_duplicate=False))
+    by_name.update((canonical_name(n), p) for n, p in unwrap_model(model).named_parameters(remove_duplicate=False))
     unknown = sorted(k for k in ema_state if k not in by_name)
     if unknown:
         raise ValueError(f"ema_state has keys that are not parameters of the model: {unknown[:5]}")

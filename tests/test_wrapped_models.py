@@ -25,6 +25,7 @@ from sema_hf import SEMACallback
 from sema_hf.checkpoint import load_ema_checkpoint, read_ema_state
 from sema_hf.engines import LocalAdapter
 from sema_hf.engines.names import canonical_name, canonical_named_parameters, unwrap_model
+from sema_hf.landscape import loss_profile
 
 from launch import run_torchrun
 from tiny import TinyRegressor, tiny_args, tiny_dataset, tiny_model
@@ -117,6 +118,19 @@ def test_local_adapter_names_a_compiled_checkpoint_wrapped_model_like_the_plain_
         "fc2.bias": inner.fc2._orig_mod._checkpoint_wrapped_module.bias,
     }
     assert all(slot.source.data_ptr() == by_name[slot.name].data_ptr() for slot in adapter.slots())
+
+
+def test_loss_profile_pairs_ema_state_dict_names_with_a_wrapped_models_parameters():
+    wrapped, plain = torch.compile(_checkpointed_regressor(), backend="eager"), tiny_model()
+    ema = {n: p.detach() + 0.1 for n, p in plain.named_parameters()}  # keyed like ema_state_dict()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"x": torch.randn(8, 8, generator=g), "labels": torch.randn(8, generator=g)}]
+    profile = loss_profile(wrapped, batches, ema, alphas=(0.0, 1.0))
+    plain.load_state_dict(ema)
+    with torch.no_grad():
+        expected = plain(**batches[0])["loss"].item()
+    assert profile.losses[1] == pytest.approx(expected, rel=1e-6)
+    assert profile.losses[0] != pytest.approx(expected, rel=1e-3)  # alpha 0: the raw weights, restored after
 
 
 # ---- Trainer runs, one process --------------------------------------------------------------------------------------
