@@ -130,7 +130,7 @@ def test_loss_profile_pairs_ema_state_dict_names_with_a_wrapped_models_parameter
     with torch.no_grad():
         expected = plain(**batches[0])["loss"].item()
     assert profile.losses[1] == pytest.approx(expected, rel=1e-6)
-    assert profile.losses[0] != pytest.approx(expected, rel=1e-3)  # alpha 0: the raw weights, restored after
+    assert profile.losses[0] != pytest.approx(expected, rel=1e-3)  # alpha 0: the raw weights
 
 
 # ---- Trainer runs, one process --------------------------------------------------------------------------------------
@@ -171,41 +171,40 @@ def _assert_same_run(resumed, full, names):
         assert torch.equal(weights_a[name], weights_b[name]), name
 
 
-@pytest.fixture(scope="module")
-def plain_regressor_run(tmp_path_factory):
-    """The uninterrupted plain run (8 steps, 2 epochs, checkpoints at 3 and 6) the wrapped resumes are held to."""
-    folder = tmp_path_factory.mktemp("plain")
-    return folder, _train(folder, tiny_model())
+def _resume_across(tmp_path, make_model, names, on: dict, off: dict | None = None, **common):
+    """The uninterrupted run with the wrapper (or flag) on: 8 steps, 2 epochs, checkpoints at 3 and 6. A run with it
+    off resumes from step 3 and writes checkpoint-6; a run with it on again resumes from that one. Both resumed runs
+    must end bit-identical to the uninterrupted one. Returns the three runs' ``(trainer, callback, model handed to
+    callbacks)``."""
+    off = off or {}
+    full = _train(tmp_path / "full", make_model(True), **on, **common)
+    resumed_off = _train(
+        tmp_path / "off", make_model(False), resume=tmp_path / "full" / "checkpoint-3", **off, **common
+    )
+    resumed_on = _train(tmp_path / "on", make_model(True), resume=tmp_path / "off" / "checkpoint-6", **on, **common)
+    state = read_ema_state(str(tmp_path / "full" / "checkpoint-6"))
+    assert [n for n, _ in state["params"]] == names
+    saved = load_file(str(tmp_path / "full" / "checkpoint-6" / "sema_ema-00001-of-00001.safetensors"))
+    assert sorted(saved) == sorted(names)
+    _assert_same_run(resumed_off, full, names)
+    _assert_same_run(resumed_on, full, names)
+    return full, resumed_off, resumed_on
 
 
-COMPILE = {"torch_compile": True, "torch_compile_backend": "eager"}
+def test_torch_compile_run_resumes_without_compile_and_back_bit_identical(tmp_path):
+    compiled = {"torch_compile": True, "torch_compile_backend": "eager"}
+    full, off, on = _resume_across(tmp_path, lambda _: tiny_model(), PLAIN_NAMES, on=compiled)
+    kinds = [type(run[0].model_wrapped).__name__ for run in (full, off, on)]
+    assert kinds == ["OptimizedModule", "TinyRegressor", "OptimizedModule"]  # the Trainer compiled, or not
 
 
-def test_torch_compile_run_resumes_without_compile_and_back_bit_identical(tmp_path, plain_regressor_run):
-    plain_dir, plain = plain_regressor_run
-    compiled = _train(tmp_path / "compiled", tiny_model(), **COMPILE)
-    assert compiled[0].model_wrapped.__class__.__name__ == "OptimizedModule"  # the Trainer really compiled
-    assert [n for n, _ in read_ema_state(str(tmp_path / "compiled" / "checkpoint-6"))["params"]] == PLAIN_NAMES
+def test_checkpoint_wrapped_layers_resume_into_the_plain_model_and_back_bit_identical(tmp_path):
+    def make(wrapped: bool) -> nn.Module:
+        return _checkpointed_regressor() if wrapped else tiny_model()
 
-    resumed_plain = _train(tmp_path / "off", tiny_model(), resume=tmp_path / "compiled" / "checkpoint-6")
-    _assert_same_run(resumed_plain, compiled, PLAIN_NAMES)
-    resumed_compiled = _train(tmp_path / "on", tiny_model(), resume=plain_dir / "checkpoint-6", **COMPILE)
-    _assert_same_run(resumed_compiled, plain, PLAIN_NAMES)
-
-
-def test_checkpoint_wrapped_layers_resume_into_the_plain_model_and_back_bit_identical(tmp_path, plain_regressor_run):
-    plain_dir, plain = plain_regressor_run
-    wrapped = _train(tmp_path / "wrapped", _checkpointed_regressor())
-    assert "fc1._checkpoint_wrapped_module.weight" in dict(wrapped[2].named_parameters())  # what callbacks got
-    state = read_ema_state(str(tmp_path / "wrapped" / "checkpoint-6"))
-    assert [n for n, _ in state["params"]] == PLAIN_NAMES
-    saved = load_file(str(tmp_path / "wrapped" / "checkpoint-6" / "sema_ema-00001-of-00001.safetensors"))
-    assert sorted(saved) == sorted(PLAIN_NAMES)
-
-    resumed_plain = _train(tmp_path / "off", tiny_model(), resume=tmp_path / "wrapped" / "checkpoint-6")
-    _assert_same_run(resumed_plain, wrapped, PLAIN_NAMES)
-    resumed_wrapped = _train(tmp_path / "on", _checkpointed_regressor(), resume=plain_dir / "checkpoint-6")
-    _assert_same_run(resumed_wrapped, plain, PLAIN_NAMES)
+    full, off, on = _resume_across(tmp_path, make, PLAIN_NAMES, on={})
+    for run, wrapped in ((full, True), (off, False), (on, True)):  # what the callbacks were handed
+        assert ("fc1._checkpoint_wrapped_module.weight" in dict(run[2].named_parameters())) is wrapped
 
 
 class KwargsRegressor(TinyRegressor):
@@ -235,19 +234,12 @@ def _gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 def test_gradient_checkpointing_run_resumes_without_it_and_back_bit_identical(tmp_path):
-    data, names = pattern_dataset(), [n for n, _ in _gpt2().named_parameters()]
-    common = {"data": data, "learning_rate": 1e-2, "save_steps": 6}
-    full_gc = _train(tmp_path / "gc", _gpt2(), gradient_checkpointing=True, **common)
-    assert full_gc[2].is_activation_checkpointing  # the flag reached the model the callbacks see
-    full_plain = _train(tmp_path / "plain", _gpt2(), **common)
-    resumed_plain = _train(tmp_path / "off", _gpt2(), resume=tmp_path / "gc" / "checkpoint-6", **common)
-    assert not resumed_plain[2].is_activation_checkpointing
-    _assert_same_run(resumed_plain, full_gc, names)
-    resumed_gc = _train(
-        tmp_path / "on", _gpt2(), resume=tmp_path / "plain" / "checkpoint-6", gradient_checkpointing=True, **common
+    names = [n for n, _ in _gpt2().named_parameters()]
+    on, off = {"gradient_checkpointing": True}, {"gradient_checkpointing": False}
+    runs = _resume_across(
+        tmp_path, lambda _: _gpt2(), names, on=on, off=off, data=pattern_dataset(), learning_rate=1e-2
     )
-    assert resumed_gc[2].is_activation_checkpointing
-    _assert_same_run(resumed_gc, full_plain, names)
+    assert [run[2].is_activation_checkpointing for run in runs] == [True, False, True]  # the flag reached the model
 
 
 # ---- 2 gloo ranks: DDP, FSDP1, FSDP2, ZeRO-3 through the wrappers -------------------------------------------------
