@@ -20,7 +20,7 @@ every variant starts from the same weights and sees the same batches in the same
   `sema`.
 * ``switch-start``: `sema` switching from the first epoch vs from about a sixth of the run.
 * ``if-better``: `sema` with ``switch_policy="if_better"`` (the average is copied in only when it evaluates better).
-* ``lr-constant``: `none`/`ema`/`sema` with a constant learning rate instead of cosine to zero (annealing does part of
+* ``lr-constant``: `none`/`ema`/`sema` with a constant learning rate (after the same warmup) instead of cosine to zero (annealing does part of
   what averaging does).
 * ``smollm2-lora`` / ``smollm2-full``: SmolLM2-135M (pretrained) fine-tuned on Shakespeare for 3 epochs, LoRA and
   full.
@@ -113,7 +113,7 @@ class Variant:
         if self.mode != "none":
             parts.append(f"h{self.horizon_epochs:g}")
         if self.lr_schedule != "cosine":
-            parts.append(f"lr-{self.lr_schedule}")
+            parts.append(f"lr-{self.lr_schedule.replace('_', '-')}")
         if self.switch_start_epoch:
             parts.append(f"start{self.switch_start_epoch}")
         if self.switch_policy != "always":
@@ -297,7 +297,7 @@ PIECES: dict[str, Piece] = {
         Piece(
             "lr-constant",
             VIT,
-            tuple(_trio(lr_schedule="constant")),
+            tuple(_trio(lr_schedule="constant_with_warmup")),  # the same 16 warmup steps as the cosine runs
             "Without annealing the learning rate to zero, does averaging do more?",
         ),
         Piece(

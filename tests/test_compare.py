@@ -169,7 +169,7 @@ def test_pieces_share_runs_that_are_the_same_run():
     sweep_ids = {study.run_id(p.task, v, s) for p in [study.PIECES["horizon"]] for v, s in p.runs()}
     assert long_ids <= sweep_ids  # vit-long is the sweep's point at the base horizon
     keys = [v.key() for p in study.PIECES.values() for v in p.variants]
-    assert "sema_h0.3_start6" in keys and "sema_h0.3_if-better" in keys and "none_lr-constant" in keys
+    assert "sema_h0.3_start6" in keys and "sema_h0.3_if-better" in keys and "none_lr-constant-with-warmup" in keys
 
 
 def _fake_record(task, variant, seed, final):
