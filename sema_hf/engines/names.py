@@ -25,6 +25,7 @@ wrapper objects instead, before anything is named.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import torch
@@ -49,14 +50,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside the wrappers that hold it whole: DDP, ``DataParallel``, ``DeepSpeedEngine`` and
     ``torch.compile``'s ``OptimizedModule``, in any nesting. Wrappers inside the model (activation checkpointing,
     FSDP units, regional compilation) stay; `canonical_name` removes their segments from the names."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
+    # No OptimizedModule exists before torch.compile imported its module: do not pay for importing dynamo here.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) or (
             type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module")
         ):
             model = model.module
-        elif isinstance(model, OptimizedModule):
+        elif optimized is not None and isinstance(model, optimized):
             model = model._orig_mod
         else:
             return model
