@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 PY=${PYTHON:-python}
-TESTS=(tests/test_config.py tests/test_schedule.py tests/test_callback.py tests/test_resume.py tests/test_trainer_workflows.py)
+TESTS=(
+    tests/test_config.py tests/test_schedule.py tests/test_callback.py tests/test_resume.py
+    tests/test_trainer_workflows.py
+)
 
 floor() {  # "torch>=2.13.0" in setup.cfg -> 2.13.0
     local found
@@ -34,9 +37,10 @@ for pkg in torch transformers accelerate safetensors; do pins+=("$pkg==${FLOOR[$
 import sys
 from importlib.metadata import version
 
-wrong = [f"{p}: installed {version(p.split('==')[0])}" for p in sys.argv[1:] if version(p.split("==")[0]).split("+")[0] != p.split("==")[1]]
+pins = [pin.split("==") for pin in sys.argv[1:]]
+wrong = [f"{name} {version(name)} (floor {want})" for name, want in pins if version(name).split("+")[0] != want]
 if wrong:
     sys.exit(f"floors.sh: the resolver moved a floor: {wrong}")
-print("floors:", " ".join(f"{p.split('==')[0]} {version(p.split('==')[0])}" for p in sys.argv[1:]))
+print("floors:", " ".join(f"{name} {version(name)}" for name, _ in pins))
 PYEOF
 "$VPY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
