@@ -1,6 +1,6 @@
 """Switch EMA (SEMA) for the Hugging Face Trainer.
 
-``Trainer(..., callbacks=[SEMACallback(decay=0.999)])`` keeps an fp32 moving average of the trainable weights and
+``Trainer(..., callbacks=[SEMACallback(horizon_epochs=0.3)])`` keeps an fp32 moving average of the trainable weights and
 copies it into the model at every epoch end (Li et al., "Switch EMA", arXiv 2402.09240).
 """
 

@@ -115,8 +115,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         run."""
         if self.resolved is not None:
             return self.resolved.decay
-        if self.config.horizon_epochs is not None:
-            return None
+        if self.config.decay is None and self.config.horizon_steps is None:
+            return None  # horizon_epochs, given or the default
         return resolve_horizon(self.config, None).decay
 
     @property

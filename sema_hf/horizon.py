@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import DEFAULT_DECAY, SEMAConfig
+from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 
 
 def decay_for_horizon(horizon_steps: float) -> float:
@@ -60,25 +60,28 @@ class ResolvedHorizon:
 
 
 def resolve_horizon(config: SEMAConfig, steps_per_epoch: int | None) -> ResolvedHorizon:
-    """The per-step decay ``config`` asks for on a run with ``steps_per_epoch`` optimizer steps per epoch."""
-    if config.horizon_epochs is not None:
-        if not steps_per_epoch:
-            raise ValueError(
-                f"SEMAConfig.horizon_epochs = {config.horizon_epochs} needs the number of optimizer steps per epoch, "
-                "but the training data has no length (an IterableDataset?): give the horizon in optimizer steps "
-                "(horizon_steps) or the decay instead."
-            )
-        horizon = config.horizon_epochs * steps_per_epoch
-        if horizon <= 1.0:
-            raise ValueError(
-                f"SEMAConfig.horizon_epochs = {config.horizon_epochs} is {horizon:g} optimizer steps on this run "
-                f"({steps_per_epoch} steps per epoch): an average needs a horizon longer than 1 step; raise it."
-            )
-        return ResolvedHorizon(decay_for_horizon(horizon), horizon, steps_per_epoch)
+    """The per-step decay ``config`` asks for on a run with ``steps_per_epoch`` optimizer steps per epoch; with no
+    unit given, ``horizon_epochs = DEFAULT_HORIZON_EPOCHS``."""
+    if config.decay is not None:
+        return ResolvedHorizon(config.decay, horizon_of_decay(config.decay), steps_per_epoch)
     if config.horizon_steps is not None:
         return ResolvedHorizon(decay_for_horizon(config.horizon_steps), config.horizon_steps, steps_per_epoch)
-    decay = DEFAULT_DECAY if config.decay is None else config.decay
-    return ResolvedHorizon(decay, horizon_of_decay(decay), steps_per_epoch)
+    epochs = DEFAULT_HORIZON_EPOCHS if config.horizon_epochs is None else config.horizon_epochs
+    given = "" if config.horizon_epochs is not None else " (the default, as no decay or horizon was given)"
+    if not steps_per_epoch:
+        raise ValueError(
+            f"SEMAConfig.horizon_epochs = {epochs}{given} needs the number of optimizer steps per epoch, but the "
+            "training data has no length (an IterableDataset?): give the horizon in optimizer steps "
+            "(horizon_steps) or the decay instead."
+        )
+    horizon = epochs * steps_per_epoch
+    if horizon <= 1.0:
+        raise ValueError(
+            f"SEMAConfig.horizon_epochs = {epochs}{given} is {horizon:g} optimizer steps on this run "
+            f"({steps_per_epoch} steps per epoch): an average needs a horizon longer than 1 step; raise it, or give "
+            "horizon_steps."
+        )
+    return ResolvedHorizon(decay_for_horizon(horizon), horizon, steps_per_epoch)
 
 
 def switch_interval_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int | None:

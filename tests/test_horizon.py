@@ -41,7 +41,10 @@ def test_horizon_and_decay_are_inverse_by_hand():
     assert optimizer_steps_per_epoch(None, 2) is None
     resolved = resolve_horizon(SEMAConfig(horizon_epochs=0.5), steps_per_epoch=4)
     assert (resolved.decay, resolved.horizon_steps, resolved.horizon_epochs) == (0.5, 2.0, 0.5)
-    assert resolve_horizon(SEMAConfig(), None).decay == 0.999  # none given: the documented default
+    default = resolve_horizon(SEMAConfig(), steps_per_epoch=100)  # none given: the documented default
+    assert (default.horizon_epochs, default.decay) == (0.3, 1 - 1 / 30)
+    with pytest.raises(ValueError, match="the default"):
+        resolve_horizon(SEMAConfig(), None)  # no epoch length: the default cannot resolve
 
 
 def test_horizon_epochs_on_four_steps_per_epoch_averages_with_decay_one_half(tmp_path):
