@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 
 
+MIN_DEFAULT_HORIZON_STEPS = 2.0  # on epochs of under 7 steps the default 0.3 epochs would be no average at all
+
+
 def decay_for_horizon(horizon_steps: float) -> float:
     """Per-step decay ``m = 1 - 1 / H`` of a horizon of ``H > 1`` optimizer steps."""
     if not horizon_steps > 1.0:
@@ -61,7 +64,7 @@ class ResolvedHorizon:
 
 def resolve_horizon(config: SEMAConfig, steps_per_epoch: int | None) -> ResolvedHorizon:
     """The per-step decay ``config`` asks for on a run with ``steps_per_epoch`` optimizer steps per epoch; with no
-    unit given, ``horizon_epochs = DEFAULT_HORIZON_EPOCHS``."""
+    unit given, ``horizon_epochs = DEFAULT_HORIZON_EPOCHS``, but at least ``MIN_DEFAULT_HORIZON_STEPS`` steps."""
     if config.decay is not None:
         return ResolvedHorizon(config.decay, horizon_of_decay(config.decay), steps_per_epoch)
     if config.horizon_steps is not None:
@@ -75,6 +78,8 @@ def resolve_horizon(config: SEMAConfig, steps_per_epoch: int | None) -> Resolved
             "(horizon_steps) or the decay instead."
         )
     horizon = epochs * steps_per_epoch
+    if config.horizon_epochs is None:
+        horizon = max(horizon, MIN_DEFAULT_HORIZON_STEPS)  # the default must work on any run, even a tiny one
     if horizon <= 1.0:
         raise ValueError(
             f"SEMAConfig.horizon_epochs = {epochs}{given} is {horizon:g} optimizer steps on this run "

@@ -43,6 +43,7 @@ def test_horizon_and_decay_are_inverse_by_hand():
     assert (resolved.decay, resolved.horizon_steps, resolved.horizon_epochs) == (0.5, 2.0, 0.5)
     default = resolve_horizon(SEMAConfig(), steps_per_epoch=100)  # none given: the documented default
     assert (default.horizon_epochs, default.decay) == (0.3, 1 - 1 / 30)
+    assert resolve_horizon(SEMAConfig(), steps_per_epoch=3).horizon_steps == 2.0  # tiny epochs: at least 2 steps
     with pytest.raises(ValueError, match="the default"):
         resolve_horizon(SEMAConfig(), None)  # no epoch length: the default cannot resolve
 
