@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 
-
 MIN_DEFAULT_HORIZON_STEPS = 2.0  # on epochs of under 7 steps the default 0.3 epochs would be no average at all
 
 
