@@ -578,6 +578,7 @@ def piece_table(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> tuple[li
     ]
     if task.script == "run_image_classification":
         headers.append("final train accuracy")
+    headers.append("switches made / switch points")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for key, row in summary.items():
         label = none_label if key == REFERENCE_MODE else key
@@ -593,6 +594,10 @@ def piece_table(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> tuple[li
         ]
         if task.script == "run_image_classification":
             cells.append(format_mean_std(row["train_accuracy"], 4))
+        if "switches" in row:
+            cells.append(f"{format_mean_std(row['switches'], 1)} / {row['switch_points']['mean']:.0f}")
+        else:
+            cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
     for key in summary:
         summary[key]["delta_vs_none"] = summarize_delta(summary, key)
@@ -602,7 +607,12 @@ def piece_table(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> tuple[li
 def _extras(record: Mapping[str, Any], task: Task) -> dict[str, float]:
     values = record["curve"]["values"]
     best = max(values) if task.higher_is_better else min(values)
-    return {"best": best, **{k: float(v) for k, v in record["diagnostics"].items()}}
+    out = {"best": best, **{k: float(v) for k, v in record["diagnostics"].items()}}
+    decisions = [h["ema_switched"] for h in record.get("log_history", []) if "ema_switched" in h]
+    if decisions:  # SEMA: how many switch points copied the average in (all of them unless if_better)
+        out["switches"] = float(sum(decisions))
+        out["switch_points"] = float(len(decisions))
+    return out
 
 
 def summarize_delta(summary: Mapping[str, Mapping[str, Any]], key: str) -> dict[str, Any]:
@@ -632,7 +642,7 @@ def regime_table(tables: Mapping[str, tuple[list[str], dict[str, Any]] | None]) 
         for mode in ("ema", "sema"):
             keys = [k for k in summary if k.split(" ", 1)[0] == mode]
             if not keys:
-                cells.append("not run")
+                cells.append("(not in this piece)")
                 continue
             best = max(keys, key=lambda k: sign * summary[k]["delta_vs_none"]["mean"])
             cells.append(f"`{best}`: {format_mean_std(summary[best]['delta_vs_none'], digits)}")
