@@ -1,17 +1,18 @@
 """One "node" of a 2-node run (one gloo rank per node): trains the tiny model with SEMA, saving on each node into
 that node's own folder (``<base>/node<NODE_RANK>``, no shared storage), and records what this rank ends with.
 
-Phases (argv[2]):
+Phases (argv[2:], run in order in one launch, so that the 2-node start-up is paid once):
     train     an uninterrupted 8-step run that saves checkpoint-4 and checkpoint-8 on every node
-    resume    resume from this node's checkpoint-4 and finish the run
-    missing   resume from checkpoint-4 (whose EMA files the test deleted on one node): record the error, then resume
-              again with allow_fresh_ema_on_resume=True and finish the run
+    resume    in a copy of each node's folder: resume from checkpoint-4 and finish the run
+    missing   in another copy, where node 1 lost its EMA files of checkpoint-4 (node 0's are complete): resume from
+              checkpoint-4 and record the error, then resume again with allow_fresh_ema_on_resume=True and finish
 
 Each rank writes ``<base>/<phase>-rank<R>.json`` (counters, the error it saw) and ``.safetensors`` (its full EMA).
 """
 
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sema_hf import SEMACallback  # noqa: E402
+from sema_hf.checkpoint import STATE_NAME, shard_file_name  # noqa: E402
 
 from tiny import tiny_trainer  # noqa: E402
 
@@ -47,27 +49,40 @@ def record(base: str, phase: str, result: dict, callback: SEMACallback | None = 
         json.dump({"rank": rank, **result}, f)
 
 
-def main(base: str, phase: str) -> None:
+def copy_of_node_folder(base: str, phase: str, node: int) -> str:
+    """``<base>/<phase>/node<N>``: a copy of what this node saved, so that each phase starts from the same files."""
+    copy = os.path.join(base, phase)
+    shutil.copytree(os.path.join(base, f"node{node}"), os.path.join(copy, f"node{node}"))
+    return copy
+
+
+def main(base: str, phases: list[str]) -> None:
     node = int(os.environ["NODE_RANK"])
-    checkpoint = os.path.join(base, f"node{node}", "checkpoint-4")
-    if phase == "train":
-        callback, result = train(base, node)
-        result["files"] = sorted(os.listdir(checkpoint))
-        record(base, phase, result, callback)
-    elif phase == "resume":
-        callback, result = train(base, node, resume=checkpoint)
-        record(base, phase, result, callback)
-    elif phase == "missing":
-        try:
-            train(base, node, resume=checkpoint)
-            error = None
-        except (FileNotFoundError, ValueError) as err:
-            error = {"type": type(err).__name__, "message": str(err)}
-        callback, result = train(base, node, resume=checkpoint, allow_fresh_ema_on_resume=True)
-        record(base, phase, {**result, "error": error}, callback)
-    else:
-        raise SystemExit(f"unknown phase {phase!r}")
+    for phase in phases:
+        if phase == "train":
+            callback, result = train(base, node)
+            result["files"] = sorted(os.listdir(os.path.join(base, f"node{node}", "checkpoint-4")))
+            record(base, phase, result, callback)
+        elif phase == "resume":
+            folder = copy_of_node_folder(base, phase, node)
+            callback, result = train(folder, node, resume=os.path.join(folder, f"node{node}", "checkpoint-4"))
+            record(base, phase, result, callback)
+        elif phase == "missing":
+            folder = copy_of_node_folder(base, phase, node)
+            checkpoint = os.path.join(folder, f"node{node}", "checkpoint-4")
+            if node == 1:  # no shared storage: only node 1's copy of the checkpoint lost its EMA files
+                for name in (STATE_NAME, shard_file_name(0, 1)):
+                    os.remove(os.path.join(checkpoint, name))
+            try:
+                train(folder, node, resume=checkpoint)
+                error = None
+            except (FileNotFoundError, ValueError) as err:
+                error = {"type": type(err).__name__, "message": str(err)}
+            callback, result = train(folder, node, resume=checkpoint, allow_fresh_ema_on_resume=True)
+            record(base, phase, {**result, "error": error}, callback)
+        else:
+            raise SystemExit(f"unknown phase {phase!r}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1], sys.argv[2:])
