@@ -59,6 +59,7 @@ def sema_model_card_section(
     num_switches: int | None = None,
     averaged_numel: int | None = None,
     model_numel: int | None = None,
+    resolved_decay: float | None = None,
 ) -> str:
     """The Markdown section (between ``SECTION_BEGIN`` and ``SECTION_END``) describing a SEMA model.
 
@@ -67,6 +68,7 @@ def sema_model_card_section(
         metrics: evaluation metrics of the averaged weights (``eval_loss``, ``perplexity``...).
         num_updates, num_switches: counts from the callback, when known.
         averaged_numel, model_numel: elements averaged (trainable ones) and in the whole model, when known.
+        resolved_decay: the per-step decay the run used (``callback.decay``), when the config gave a horizon.
     """
     if config.switch:
         what = (
@@ -83,6 +85,11 @@ def sema_model_card_section(
         what += " Note: `final_weights='model'`, so the saved weights are the raw training weights, not the average."
     lines = [SECTION_BEGIN, "## Switch EMA (SEMA)", "", what, "", "| setting | value |", "|---|---|"]
     lines += [f"| `{name}` | `{value}` |" for name, value in config.to_dict().items()]
+    if resolved_decay is not None:
+        lines += [
+            "",
+            f"Per-step decay used: {resolved_decay:.6g} (horizon {1.0 / (1.0 - resolved_decay):.4g} optimizer steps).",
+        ]
     counts = []
     if num_updates is not None:
         counts.append(f"{num_updates:,} EMA updates")
@@ -120,7 +127,8 @@ def add_sema_to_model_card(
     """Add the SEMA tags and section to ``output_dir/README.md`` (created if missing); returns its path.
 
     Running it again replaces the section rather than appending a second one. ``counts`` are the keyword arguments
-    of `sema_model_card_section` (``num_updates``, ``num_switches``, ``averaged_numel``, ``model_numel``).
+    of `sema_model_card_section` (``num_updates``, ``num_switches``, ``averaged_numel``, ``model_numel``,
+    ``resolved_decay``).
     """
     path = os.path.join(output_dir, "README.md")
     if os.path.isfile(path):
@@ -209,6 +217,7 @@ class SEMAModelCardMixin:
             num_switches=callback.num_switches if callback.store is not None else None,
             averaged_numel=_numel(model, trainable_only=True) or None,
             model_numel=_numel(model, trainable_only=False) or None,
+            resolved_decay=callback.decay if callback.store is not None else None,
         )
 
 

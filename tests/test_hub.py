@@ -56,3 +56,11 @@ def test_fix_empty_base_model_link_says_trained_from_scratch_and_leaves_real_lin
     assert fix_empty_base_model_link(str(tmp_path)) is False
     assert "[a/b](https://huggingface.co/a/b)" in (tmp_path / "README.md").read_text()
     assert fix_empty_base_model_link(str(tmp_path / "missing")) is False
+
+
+def test_the_card_states_the_per_step_decay_a_horizon_resolved_to(tmp_path):
+    add_sema_to_model_card(str(tmp_path), SEMAConfig(horizon_epochs=0.5), {"eval_loss": 1.0}, resolved_decay=0.75)
+    text = (tmp_path / "README.md").read_text()
+    assert "| `horizon_epochs` | `0.5` |" in text and "Per-step decay used: 0.75 (horizon 4 optimizer steps)." in text
+    add_sema_to_model_card(str(tmp_path), SEMAConfig(decay=0.9), {"eval_loss": 1.0})
+    assert "Per-step decay used" not in (tmp_path / "README.md").read_text()
