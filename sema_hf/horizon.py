@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 
-MIN_DEFAULT_HORIZON_STEPS = 2.0  # on epochs of under 7 steps the default 0.3 epochs would be no average at all
+# A horizon in epochs shorter than this many optimizer steps (0.3 epochs of a 5-step epoch) is raised to it: an
+# average over 1.5 steps is hardly one, and under 1 step none (a decay <= 0).
+MIN_EPOCH_HORIZON_STEPS = 2.0
 
 
 def decay_for_horizon(horizon_steps: float) -> float:
@@ -55,6 +57,7 @@ class ResolvedHorizon:
     decay: float
     horizon_steps: float
     steps_per_epoch: int | None
+    note: str | None = None  # set when the horizon asked for could not be used as is
 
     @property
     def horizon_epochs(self) -> float | None:
@@ -63,7 +66,8 @@ class ResolvedHorizon:
 
 def resolve_horizon(config: SEMAConfig, steps_per_epoch: int | None) -> ResolvedHorizon:
     """The per-step decay ``config`` asks for on a run with ``steps_per_epoch`` optimizer steps per epoch; with no
-    unit given, ``horizon_epochs = DEFAULT_HORIZON_EPOCHS``, but at least ``MIN_DEFAULT_HORIZON_STEPS`` steps."""
+    unit given, ``horizon_epochs = DEFAULT_HORIZON_EPOCHS``. A horizon in epochs is at least
+    ``MIN_EPOCH_HORIZON_STEPS`` optimizer steps (``note`` says so, and the train-start warnings repeat it)."""
     if config.decay is not None:
         return ResolvedHorizon(config.decay, horizon_of_decay(config.decay), steps_per_epoch)
     if config.horizon_steps is not None:
@@ -77,15 +81,14 @@ def resolve_horizon(config: SEMAConfig, steps_per_epoch: int | None) -> Resolved
             "(horizon_steps) or the decay instead."
         )
     horizon = epochs * steps_per_epoch
-    if config.horizon_epochs is None:
-        horizon = max(horizon, MIN_DEFAULT_HORIZON_STEPS)  # the default must work on any run, even a tiny one
-    if horizon <= 1.0:
-        raise ValueError(
-            f"SEMAConfig.horizon_epochs = {epochs}{given} is {horizon:g} optimizer steps on this run "
-            f"({steps_per_epoch} steps per epoch): an average needs a horizon longer than 1 step; raise it, or give "
-            "horizon_steps."
-        )
-    return ResolvedHorizon(decay_for_horizon(horizon), horizon, steps_per_epoch)
+    if horizon >= MIN_EPOCH_HORIZON_STEPS:
+        return ResolvedHorizon(decay_for_horizon(horizon), horizon, steps_per_epoch)
+    note = (
+        f"horizon_epochs = {epochs}{given} is only {horizon:g} optimizer steps on this run ({steps_per_epoch} "
+        f"steps per epoch), which is no average at all; averaging over {MIN_EPOCH_HORIZON_STEPS:g} steps instead. "
+        "Give horizon_steps or decay to set it exactly."
+    )
+    return ResolvedHorizon(decay_for_horizon(MIN_EPOCH_HORIZON_STEPS), MIN_EPOCH_HORIZON_STEPS, steps_per_epoch, note)
 
 
 def switch_interval_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int | None:
@@ -105,7 +108,7 @@ def horizon_warnings(config: SEMAConfig, resolved: ResolvedHorizon, total_steps:
     * switching with H longer than the switch interval: each switch sets training back by about H steps of progress.
     * ``update_after_step`` or the decay warmup at least as long as the run.
     """
-    messages = []
+    messages = [] if resolved.note is None else [resolved.note]
     h = resolved.horizon_steps
     if total_steps > 0 and h > total_steps:
         messages.append(

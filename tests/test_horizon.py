@@ -43,7 +43,8 @@ def test_horizon_and_decay_are_inverse_by_hand():
     assert (resolved.decay, resolved.horizon_steps, resolved.horizon_epochs) == (0.5, 2.0, 0.5)
     default = resolve_horizon(SEMAConfig(), steps_per_epoch=100)  # none given: the documented default
     assert (default.horizon_epochs, default.decay) == (0.3, 1 - 1 / 30)
-    assert resolve_horizon(SEMAConfig(), steps_per_epoch=3).horizon_steps == 2.0  # tiny epochs: at least 2 steps
+    tiny = resolve_horizon(SEMAConfig(horizon_epochs=0.3), steps_per_epoch=2)  # 0.6 steps: raised to 2, said so
+    assert (tiny.horizon_steps, tiny.decay) == (2.0, 0.5) and "only 0.6 optimizer steps" in tiny.note
     with pytest.raises(ValueError, match="the default"):
         resolve_horizon(SEMAConfig(), None)  # no epoch length: the default cannot resolve
 
