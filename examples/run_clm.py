@@ -268,7 +268,10 @@ class ReportArguments:
 
     eval_before_training: bool = field(
         default=True,
-        metadata={"help": "Evaluate the model before training too (the pretrained model, or the random init)."},
+        metadata={
+            "help": "Evaluate the model before training too (the pretrained model, or the random init); skipped "
+            "under DeepSpeed."
+        },
     )
     generation_prompts: list[str] = field(
         default_factory=lambda: list(GENERATION_PROMPTS),
@@ -334,7 +337,11 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     )
 
     metrics: dict[str, float] = {}
-    if training_args.do_train and training_args.do_eval and report_args.eval_before_training:
+    if report_args.eval_before_training and training_args.deepspeed:
+        # An evaluate() before train() makes the Trainer build an inference-only DeepSpeed engine; train() then runs
+        # without the ZeRO optimizer that the average of the shards needs.
+        logger.info("--eval_before_training is skipped under DeepSpeed.")
+    elif training_args.do_train and training_args.do_eval and report_args.eval_before_training:
         # Before train() there is no average yet: this evaluates the weights the run starts from.
         before = trainer.evaluate(metric_key_prefix="before")
         metrics["before_eval_loss"] = before["before_loss"]

@@ -115,6 +115,8 @@ def test_run_clm_saves_the_sema_model_and_reports_its_perplexity(clm_run):
     assert set(SEMA_TAGS) <= set(card.data.tags)
     assert SECTION_BEGIN in card.text and "2402.09240" in card.text
     assert f"| perplexity | {metrics['perplexity']:.4f} |" in card.text
+    # The default horizon, 0.3 epoch of 4 optimizer steps, resolved to its per-step decay 1 - 1/1.2.
+    assert "Per-step decay used: 0.166667 (horizon 1.2 optimizer steps)." in card.text
     # Built from a config: no empty "fine-tuned version of [](https://huggingface.co/)" link, no base_model.
     assert "[](" not in card.text and "This model was trained from scratch on" in card.text
     assert card.data.get("base_model") is None
@@ -269,21 +271,22 @@ TINY_SMOLLM2_RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def smollm2_loader():
+_SMOLLM2_LOADED: list = []  # the de-quantized model, loaded by the first test that needs it
+
+
+@pytest.fixture
+def smollm2_loader(monkeypatch):
     import copy
 
     original = run_clm.load_gguf_model
-    loaded = []
 
     def load_once(model_args):
-        if not loaded:
-            loaded.append(original(model_args))
-        return copy.deepcopy(loaded[0])
+        if not _SMOLLM2_LOADED:
+            _SMOLLM2_LOADED.append(original(model_args))
+        return copy.deepcopy(_SMOLLM2_LOADED[0])
 
-    run_clm.load_gguf_model = load_once
-    yield loaded
-    run_clm.load_gguf_model = original
+    monkeypatch.setattr(run_clm, "load_gguf_model", load_once)
+    return _SMOLLM2_LOADED
 
 
 def test_run_clm_with_no_flags_fine_tunes_smollm2_on_the_embedded_corpus():
@@ -396,6 +399,9 @@ def test_sema_flags_match_the_config_and_the_clashing_one_is_prefixed():
     assert config.decay == 0.9 and config.switch is False
 
 
+MULTI_RANK_HORIZON = ["--horizon_steps", "1.5"]
+
+
 def _ema_fractions(output: str) -> list[float]:
     """The per-rank EMA sizes the script prints, in percent of the model."""
     return sorted(float(x) for x in re.findall(r"SEMA: this process averages .*?= ([0-9.]+)% of the model", output))
@@ -404,7 +410,8 @@ def _ema_fractions(output: str) -> list[float]:
 @pytest.mark.multiprocess
 def test_run_clm_ddp_two_processes(tmp_path):
     out = str(tmp_path / "ddp")
-    output = run_torchrun(os.path.join(EXAMPLES, "run_clm.py"), "--output_dir", out, *TINY_CLM)
+    # 2 ranks halve the steps per epoch (2 here): the default horizon of 0.3 epoch would be under one step.
+    output = run_torchrun(os.path.join(EXAMPLES, "run_clm.py"), "--output_dir", out, *TINY_CLM, *MULTI_RANK_HORIZON)
     assert "world size 2" in output and "*** SEMA model, EMA weights: eval_loss" in output
     assert _ema_fractions(output) == [100.0, 100.0]  # DDP: every rank holds the full average
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
@@ -416,7 +423,14 @@ def test_run_clm_deepspeed_zero3_two_processes(tmp_path):
     out = str(tmp_path / "zero3")
     ds_config = os.path.join(EXAMPLES, "accelerate_configs", "ds_zero3.json")
     output = run_torchrun(
-        os.path.join(EXAMPLES, "run_clm.py"), "--output_dir", out, "--deepspeed", ds_config, *TINY_CLM, timeout=400
+        os.path.join(EXAMPLES, "run_clm.py"),
+        "--output_dir",
+        out,
+        "--deepspeed",
+        ds_config,
+        *TINY_CLM,
+        *MULTI_RANK_HORIZON,
+        timeout=400,
     )
     assert "*** SEMA model, EMA weights: eval_loss" in output
     fractions = _ema_fractions(output)  # ZeRO-3: each rank averages its own partition, about half
