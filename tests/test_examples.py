@@ -115,8 +115,12 @@ def test_run_clm_saves_the_sema_model_and_reports_its_perplexity(clm_run):
     assert set(SEMA_TAGS) <= set(card.data.tags)
     assert SECTION_BEGIN in card.text and "2402.09240" in card.text
     assert f"| perplexity | {metrics['perplexity']:.4f} |" in card.text
-    # The default horizon, 0.3 epoch of 4 optimizer steps, resolved to its per-step decay 1 - 1/1.2.
-    assert "Per-step decay used: 0.166667 (horizon 1.2 optimizer steps)." in card.text
+    # The default horizon (0.3 epoch; of 4 optimizer steps here, which the callback raises to 2 steps) is in the card
+    # as the per-step decay the run used.
+    assert 0.0 < callback.decay < 1.0 and callback.config.horizon_epochs == 0.3
+    assert f"Per-step decay used: {callback.decay:.6g} (horizon {1 / (1 - callback.decay):.4g} optimizer steps)." in (
+        card.text
+    )
     # Built from a config: no empty "fine-tuned version of [](https://huggingface.co/)" link, no base_model.
     assert "[](" not in card.text and "This model was trained from scratch on" in card.text
     assert card.data.get("base_model") is None
