@@ -75,11 +75,12 @@ class SEMACallback(TrainerCallback, ExportableState):
         self.config: SEMAConfig = base.replace(**overrides) if overrides else base
         self.landscape = landscape
         self._explicit_trainer: Trainer | None = None
-        self._run_uuid = uuid.uuid4().hex
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
-        """Everything that belongs to one ``train()`` call."""
+        """Everything that belongs to one ``train()`` call, including its id in checkpoint identities (the process
+        that writes a checkpoint's ``trainer_state.json`` also writes its ``sema_state.json``, so both carry it)."""
+        self._run_id = uuid.uuid4().hex
         self.engine: EngineAdapter | None = None
         self.store: EMAStore | None = None
         self.resolved: ResolvedHorizon | None = None
@@ -141,17 +142,15 @@ class SEMACallback(TrainerCallback, ExportableState):
         """`ExportableState`: the Trainer records this in ``trainer_state.json`` with every checkpoint; resuming
         checks that the EMA beside the checkpoint carries the same ``checkpoint_id``."""
         step = self._trainer_state.global_step if self._trainer_state is not None else None
-        run_id = self._run_id() if self._training else None
         return {
             "args": self.config.to_dict(),
-            "attributes": {"checkpoint_id": None if run_id is None else checkpoint_id(run_id, step)},
+            "attributes": {"checkpoint_id": checkpoint_id(self._run_id, step) if self._training else None},
         }
 
     # ---- Trainer hooks ----------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._round.reset()
         self._reset_run_state()
-        self._run_uuid = uuid.uuid4().hex
         self._binding = bind(self, self._explicit_trainer)
         self._args, self._trainer_state = args, state
         trainer = self._binding.trainer
@@ -299,7 +298,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         assert self.engine is not None
         meta = {
             "global_step": global_step,
-            "checkpoint_id": checkpoint_id(self._run_id(), global_step),
+            "checkpoint_id": checkpoint_id(self._run_id, global_step),
             "checkpoint_dir": os.path.abspath(folder),
             "num_updates": self.num_updates,
             "num_switches": self.num_switches,
@@ -330,11 +329,6 @@ class SEMACallback(TrainerCallback, ExportableState):
         if self.store is None:
             raise RuntimeError("SEMACallback has no EMA yet: it is created when training starts (on_train_begin).")
         return self.store
-
-    def _run_id(self) -> str:
-        """Identifies this ``train()`` call in checkpoint identities (the process that writes a checkpoint's
-        ``trainer_state.json`` also writes its ``sema_state.json``, so both carry the same id)."""
-        return self._run_uuid
 
     def _average(self, store: EMAStore, step: int) -> None:
         cfg = self.config
