@@ -125,3 +125,13 @@ def training_args(output_dir: str, world_size: int, engine: str | None = None, *
 
 def eval_dataset() -> Dataset:
     return pattern_dataset(8, seed=2)
+
+
+def reference_ema(weights: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
+    """The EMA of a recorded weight trajectory (the first entry is the start), fixed decay, no warmup: the
+    independent reference the sharded workers compare the callback's average with."""
+    ema = {n: t.clone() for n, t in weights[0].items()}
+    for theta in weights[1:]:
+        for n, t in theta.items():
+            ema[n].lerp_(t, 1 - decay)
+    return ema

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 from fsdp_shim import FSDPTrainer  # noqa: E402
-from sharded_setup import ENGINES, SEMA_KWARGS, eval_dataset, pattern_dataset, tiny_gpt2, training_args  # noqa: E402
+from sharded_setup import ENGINES, SEMA_KWARGS, eval_dataset, pattern_dataset, reference_ema, tiny_gpt2, training_args  # noqa: E402
 
 from sema_hf import SEMACallback  # noqa: E402
 
@@ -107,12 +107,7 @@ class Trajectory(TrainerCallback):
 
     def ema(self) -> dict[str, torch.Tensor]:
         """The EMA recomputed from the recorded weights (decay fixed, no warmup)."""
-        decay = SEMA_KWARGS["decay"]
-        ema = {n: t.clone() for n, t in self.weights[0].items()}
-        for theta in self.weights[1:]:
-            for n, t in theta.items():
-                ema[n].lerp_(t, 1 - decay)
-        return ema
+        return reference_ema(self.weights, SEMA_KWARGS["decay"])
 
 
 class Recorder(TrainerCallback):
