@@ -284,6 +284,7 @@ def run_flags(spec: TaskSpec, mode: str, seed: int, output_dir: str, save_last: 
         "--disable_tqdm", "true",
         "--log_level", "warning",
         "--report_to", "none",
+        "--switch_policy", "always",  # the paper's rule, which these runs compare (the examples default to if_better)
         *spec.flags,
     ]  # fmt: skip
     if save_last:

@@ -60,6 +60,7 @@ from example_utils import (
     sema_callback_for,
     setup_logging,
     to_sema_config,
+    with_example_switch_policy,
 )
 from transformers import (
     CONFIG_MAPPING,
@@ -73,7 +74,7 @@ from transformers import (
     set_seed,
 )
 
-from sema_hf import SEMAConfig
+from sema_hf import SEMACallback
 from sema_hf.hub import SEMATrainer
 
 logger = logging.getLogger(__name__)
@@ -325,6 +326,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     if training_args.do_eval:
         eval_dataset = _take(lm_datasets["validation"], data_args.max_eval_samples)
 
+    if example_args.sema_mode == "sema":
+        sema_config = with_example_switch_policy(argv, sema_config, training_args, eval_dataset)
     callback = sema_callback_for(example_args.sema_mode, sema_config)
     trainer = SEMATrainer(
         model=model,
@@ -374,7 +377,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-        weights = _weights_label(example_args.sema_mode, sema_config)
+        weights = _weights_label(example_args.sema_mode, callback)
         if trainer.is_world_process_zero():
             print(
                 f"\n*** {weights}: eval_loss {loss:.4f}, perplexity {eval_metrics['perplexity']:.2f} "
@@ -704,10 +707,13 @@ def _model_label(model_args: ModelArguments) -> str:
     return SMOLLM2_HUB_ID if model_args.model_name_or_path == SMOLLM2 else str(model_args.model_name_or_path)
 
 
-def _weights_label(mode: str, config: SEMAConfig) -> str:
-    if mode == "none":
+def _weights_label(mode: str, callback: SEMACallback | None) -> str:
+    if mode == "none" or callback is None:
         return "Model (no averaging)"
-    held = "EMA weights" if config.final_weights == "ema" else "raw weights (final_weights='model')"
+    held = {
+        "ema": "EMA weights",
+        "model": "raw weights (final_weights='model', if_better or the best checkpoint)",
+    }.get(callback.final_weights_held, "weights as loaded (no training)")
     return f"{'SEMA' if mode == 'sema' else 'EMA'} model, {held}"
 
 

@@ -49,6 +49,7 @@ from example_utils import (
     sema_callback_for,
     setup_logging,
     to_sema_config,
+    with_example_switch_policy,
 )
 from PIL import Image
 from transformers import (
@@ -226,6 +227,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return accuracy.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
 
+    if example_args.sema_mode == "sema":
+        sema_config = with_example_switch_policy(args, sema_config, training_args, eval_dataset)
     callback = sema_callback_for(example_args.sema_mode, sema_config)
     trainer = SEMATrainer(
         model=model,
@@ -260,6 +263,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero():
             what = {"sema": "SEMA model", "ema": "EMA model", "none": "Model (no averaging)"}[example_args.sema_mode]
+            if callback is not None and callback.final_weights_held == "model":
+                what += ", raw weights (final_weights='model', if_better or the best checkpoint)"
             print(
                 f"\n*** {what}: {prefix}_accuracy {eval_metrics[f'{prefix}_accuracy']:.4f}, {prefix}_loss "
                 f"{eval_metrics[f'{prefix}_loss']:.4f} ({len(reported)} images; saved to {training_args.output_dir}) ***\n",

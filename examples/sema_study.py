@@ -172,8 +172,7 @@ def run_flags(task: Task, variant: Variant, seed: int, output_dir: str) -> list[
     if variant.mode != "none":
         flags += ["--decay", repr(decay_for(variant.horizon_epochs, task.steps_per_epoch))]
         flags += ["--switch_start_epoch", str(variant.switch_start_epoch)]
-        if variant.switch_policy != "always":
-            flags += ["--switch_policy", variant.switch_policy]
+        flags += ["--switch_policy", variant.switch_policy]  # explicit: the examples' default is if_better
     return flags
 
 

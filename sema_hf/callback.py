@@ -88,6 +88,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         self.num_switches = 0
         self.last_decay: float | None = None
         self.last_switch_decision: bool | None = None
+        # Which weights the model holds after train() ("ema" or "model"), so what save_model() writes; None before.
+        self.final_weights_held: str | None = None
         self._binding = TrainerBinding(None)
         self._args: TrainingArguments | None = None
         self._trainer_state: TrainerState | None = None
@@ -274,6 +276,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         elif final == "ema" and self.config.switch_policy == "if_better":
             final = "ema" if self._final_average_wins() else "model"
         self._training = False
+        self.final_weights_held = final
         if final == "ema":
             self.store.switch()
             logger.info("SEMA: the model now holds the EMA weights.")

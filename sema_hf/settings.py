@@ -67,6 +67,17 @@ def check_run_settings(
     return warmup_steps
 
 
+def evaluates_at_every_switch_point(config: SEMAConfig, args: TrainingArguments) -> bool:
+    """Whether the Trainer's evaluation schedule lands on every switch point, as ``switch_policy="if_better"``
+    needs: ``eval_strategy="epoch"`` for epoch switches, ``"steps"`` with ``eval_steps`` dividing
+    ``switch_every_steps`` for step switches. (Whether there is an eval set is the caller's to check.)"""
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    if config.switch_every_steps is None:
+        return strategy == "epoch"
+    eval_steps = args.eval_steps
+    return strategy == "steps" and isinstance(eval_steps, int) and config.switch_every_steps % eval_steps == 0
+
+
 def _check_if_better(
     config: SEMAConfig, args: TrainingArguments, trainer: Trainer | None, steps_per_epoch: int | None
 ) -> None:
@@ -76,13 +87,8 @@ def _check_if_better(
     evaluation.metric_keys(args.metric_for_best_model, trainer.eval_dataset)  # raises for an ambiguous dict
     if not config.switch:
         return
-    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    if config.switch_every_steps is None:
-        ok = strategy == "epoch"
-    else:
-        eval_steps = args.eval_steps
-        ok = strategy == "steps" and isinstance(eval_steps, int) and config.switch_every_steps % eval_steps == 0
-    if not ok:
+    if not evaluates_at_every_switch_point(config, args):
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
         interval = switch_interval_steps(config, steps_per_epoch)
         raise ValueError(
             f"SEMA(switch_policy='if_better') decides each switch on an evaluation of both weight sets, but "

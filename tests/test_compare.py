@@ -111,6 +111,7 @@ def test_runs_of_a_seed_differ_only_in_the_mode_flag():
         rest = {m: [f for f in fl if f not in compare.MODES] for m, fl in flags.items()}
         assert rest["none"] == rest["ema"] == rest["sema"]
         assert flags["sema"][flags["sema"].index("--seed") + 1] == "3"
+        assert flags["sema"][flags["sema"].index("--switch_policy") + 1] == "always"
 
 
 def test_format_mean_std_counts_negative_values_when_asked():
@@ -162,6 +163,9 @@ def test_variants_of_a_seed_differ_only_in_their_sema_and_scheduler_flags():
     assert sema[sema.index("--decay") + 1] == repr(1 - 1 / task.steps_per_epoch)
     assert sema[sema.index("--switch_policy") + 1] == "if_better" and sema[sema.index("--seed") + 1] == "1"
     assert "--decay" not in study.run_flags(task, study.Variant("none"), 1, "out")
+    # the paper's switch is asked for by name: the examples' own default is the guarded one
+    plain = study.run_flags(task, study.Variant("sema", horizon_epochs=1.0), 1, "out")
+    assert plain[plain.index("--switch_policy") + 1] == "always"
 
 
 def test_pieces_share_runs_that_are_the_same_run():

@@ -28,7 +28,7 @@ import example_utils  # noqa: E402
 import run_clm  # noqa: E402
 import run_image_classification  # noqa: E402
 
-from sema_hf import SEMACallback  # noqa: E402
+from sema_hf import SEMACallback, SEMAConfig  # noqa: E402
 from sema_hf.hub import SECTION_BEGIN, SEMA_TAGS  # noqa: E402
 
 # A GPT-2 of ~9k parameters and a 300-token BPE (for runs from scratch) ...
@@ -46,6 +46,8 @@ TINY_RUN = [
     "--disable_tqdm", "True",
 ]  # fmt: skip
 TINY_CLM = TINY_GPT2 + TINY_RUN
+# The examples guard the switch by default (switch_policy="if_better"); tests of the switch itself ask for the paper's.
+PLAIN_SWITCH = ["--switch_policy", "always"]
 TINY_VIT = [
     "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
     "--max_train_samples", "64",
@@ -102,7 +104,7 @@ def clm_run(tmp_path_factory):
     original = run_clm.sema_callback_for
     run_clm.sema_callback_for = lambda mode, config: found.append(original(mode, config)) or found[-1]
     try:
-        metrics = run_clm.main(["--output_dir", out, *TINY_CLM])
+        metrics = run_clm.main(["--output_dir", out, *TINY_CLM, *PLAIN_SWITCH])
     finally:
         run_clm.sema_callback_for = original
     return out, metrics, found[0]
@@ -137,7 +139,8 @@ def test_run_clm_saves_the_sema_model_and_reports_its_perplexity(clm_run):
 def test_run_clm_prints_the_eval_before_and_after_training_and_some_generated_text(clm_run, capsys, tmp_path):
     pretrained, _, _ = clm_run
     out = str(tmp_path / "printed")
-    args = ["--model_name_or_path", pretrained, "--output_dir", out, *TINY_RUN, "--generation_max_new_tokens", "5"]
+    args = ["--model_name_or_path", pretrained, "--output_dir", out, *TINY_RUN, *PLAIN_SWITCH]
+    args += ["--generation_max_new_tokens", "5"]
     metrics = run_clm.main(args + ["--generation_prompts", "PROSPERO.\n", "MIRANDA."])
     printed = capsys.readouterr().out
     before = f"*** Before training (pretrained {pretrained}): eval_loss {metrics['before_eval_loss']:.4f}, perplexity"
@@ -172,6 +175,7 @@ def test_run_clm_lora_averages_only_the_adapter_and_saves_its_average(clm_run, c
     pretrained, _, _ = clm_run
     out = str(tmp_path / "lora")
     args = ["--model_name_or_path", pretrained, "--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_RUN]
+    args += PLAIN_SWITCH
     metrics = run_clm.main(args + ["--lora_target_modules", "c_attn", "c_proj"])
     (callback,) = captured
     assert 0 < metrics["ema_fraction_of_model"] < 0.5
@@ -216,7 +220,7 @@ def test_push_to_hub_uploads_the_sema_model_with_its_card(captured, tmp_path, mo
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", no_network)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", no_network)
     out = str(tmp_path / "push")
-    args = ["--output_dir", out, *TINY_CLM]
+    args = ["--output_dir", out, *TINY_CLM, *PLAIN_SWITCH]
     metrics = run_clm.main(args + ["--push_to_hub", "--hub_model_id", "someone/tiny-sema", "--hub_token", "fake"])
 
     assert repos == ["someone/tiny-sema"]
@@ -237,7 +241,7 @@ def test_push_to_hub_uploads_the_sema_model_with_its_card(captured, tmp_path, mo
 
 def test_run_image_classification_saves_the_sema_vit_and_its_accuracy(captured, tmp_path):
     out = str(tmp_path / "vit")
-    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT])
+    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT, *PLAIN_SWITCH])
     (callback,) = captured
     assert callback.num_switches == 2
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_samples"] == 32
@@ -252,7 +256,9 @@ def test_run_image_classification_lora_keeps_the_head_trainable_and_saves_the_av
     from peft import PeftModel
 
     out = str(tmp_path / "vit-lora")
-    metrics = run_image_classification.main(["--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_VIT])
+    metrics = run_image_classification.main(
+        ["--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_VIT, *PLAIN_SWITCH]
+    )
     (callback,) = captured
     assert 0 < metrics["ema_fraction_of_model"] < 1
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
@@ -322,6 +328,7 @@ TINY_SMOLLM2_RUN = [
     "--decay", "0.5",  # one step per epoch: the default horizon (0.3 epoch) would be under one step
     "--generation_max_new_tokens", "3",
     "--disable_tqdm", "True",
+    *PLAIN_SWITCH,  # these tests are about what is saved and where it points
 ]  # fmt: skip
 
 
@@ -440,6 +447,54 @@ def test_the_horizon_is_the_examples_default_and_decay_replaces_it():
         assert config.horizon_epochs is None and getattr(config, flag[2:]) == float(value)
 
 
+# ---- the examples' guarded switch ------------------------------------------------------------------------------
+def _args(**kwargs) -> TrainingArguments:
+    return TrainingArguments(output_dir="x", report_to=[], use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "given, eval_set, args, policy",
+    [
+        (False, [1], {"eval_strategy": "epoch"}, "if_better"),
+        (True, [1], {"eval_strategy": "epoch"}, "always"),  # --switch_policy always, as given
+        (False, None, {"eval_strategy": "epoch"}, "always"),  # nothing to decide on
+        (False, [1], {"eval_strategy": "no"}, "always"),
+        (False, [1], {"eval_strategy": "steps", "eval_steps": 7}, "always"),  # misses the epoch ends
+        (False, {"a": [1], "b": [1]}, {"eval_strategy": "epoch"}, "always"),  # which set decides?
+        (False, {"a": [1], "b": [1]}, {"eval_strategy": "epoch", "metric_for_best_model": "a_loss"}, "if_better"),
+    ],
+)
+def test_the_examples_guard_the_switch_wherever_the_run_can_decide_it(given, eval_set, args, policy):
+    config = SEMAConfig()  # the library's own default stays the paper's rule
+    assert config.switch_policy == "always"
+    chosen, reason = example_utils.example_switch_policy(given, config, _args(**args), eval_set)
+    assert chosen == policy and reason
+
+
+def test_run_clm_by_default_copies_the_average_in_only_when_it_evaluates_better(captured, tmp_path, capsys):
+    out = str(tmp_path / "guarded")
+    run_clm.main(["--output_dir", out, *TINY_CLM])
+    (callback,) = captured
+    assert callback.config.switch_policy == "if_better"
+    history = _history(out)
+    decisions, expected = [], []
+    for step in sorted({h["step"] for h in history if "ema_switched" in h}):
+        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
+        decisions.append(at["ema_switched"])
+        expected.append(float(at["eval_ema_loss"] < at["eval_loss"]))
+    assert decisions == expected and len(decisions) == 2 and callback.num_switches == sum(decisions)
+    # The run ends at the last switch point: the saved model is what its decision chose.
+    assert callback.final_weights_held == ("ema" if decisions[-1] else "model")
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    if decisions[-1]:
+        _assert_equal_to_ema(saved, callback)
+    else:
+        ema = callback.ema_state_dict()
+        assert any(not torch.equal(saved[k].float(), v) for k, v in ema.items() if k in saved)
+    label = "EMA weights" if decisions[-1] else "raw weights"
+    assert f"*** SEMA model, {label}" in capsys.readouterr().out
+
+
 def test_sema_flags_match_the_config_and_the_clashing_one_is_prefixed():
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -461,12 +516,23 @@ def _ema_fractions(output: str) -> list[float]:
     return sorted(float(x) for x in re.findall(r"SEMA: this process averages .*?= ([0-9.]+)% of the model", output))
 
 
+def _assert_guarded_switch_decided_every_epoch(out: str) -> None:
+    """The examples' default (if_better) under several ranks: one decision per epoch, on both evaluations."""
+    history = _history(out)
+    decisions = {h["step"]: h["ema_switched"] for h in history if "ema_switched" in h}
+    for step, switched in decisions.items():
+        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
+        assert switched == float(at["eval_ema_loss"] < at["eval_loss"])
+    assert len(decisions) == 2
+
+
 @pytest.mark.multiprocess
 def test_run_clm_ddp_two_processes(tmp_path):
     out = str(tmp_path / "ddp")
     # 2 ranks halve the steps per epoch (2 here): the default horizon of 0.3 epoch would be under one step.
     output = run_torchrun(os.path.join(EXAMPLES, "run_clm.py"), "--output_dir", out, *TINY_CLM, *MULTI_RANK_HORIZON)
-    assert "world size 2" in output and "*** SEMA model, EMA weights: eval_loss" in output
+    assert "world size 2" in output and re.search(r"\*\*\* SEMA model, (EMA|raw) weights.*: eval_loss", output)
+    _assert_guarded_switch_decided_every_epoch(out)
     assert _ema_fractions(output) == [100.0, 100.0]  # DDP: every rank holds the full average
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
     run_clm.AutoModelForCausalLM.from_pretrained(out)
@@ -486,7 +552,8 @@ def test_run_clm_deepspeed_zero3_two_processes(tmp_path):
         *MULTI_RANK_HORIZON,
         timeout=400,
     )
-    assert "*** SEMA model, EMA weights: eval_loss" in output
+    assert re.search(r"\*\*\* SEMA model, (EMA|raw) weights.*: eval_loss", output)
+    _assert_guarded_switch_decided_every_epoch(out)
     fractions = _ema_fractions(output)  # ZeRO-3: each rank averages its own partition, about half
     assert len(fractions) == 2 and all(30.0 < f < 70.0 for f in fractions) and 99.0 < sum(fractions) < 101.0
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
