@@ -13,7 +13,7 @@ metric script in ``examples/metrics/accuracy`` (loads offline), the SEMA model's
 
 ``--validation_samples N`` holds out N more training digits as a validation set: evaluations then report
 ``eval_validation_*`` and ``eval_test_*``, so choices made on evaluations (``--metric_for_best_model
-validation_loss``, ``--switch_policy if_better``) are reported on test digits they never saw.
+validation_loss``, the default then; the examples' guarded switch) are reported on test digits they never saw.
 
 Other data: ``--dataset_name`` (Hub), or ``--train_dir`` / ``--validation_dir`` (image folders, one sub-folder per
 class). Other models: ``--model_name_or_path google/vit-base-patch16-224-in21k`` (with the network).
@@ -39,7 +39,9 @@ from example_utils import (
     apply_lora,
     check_local_path,
     default_device_flags,
+    expand_args,
     finish_output_dir,
+    flag_value,
     init_deepspeed_comm,
     last_checkpoint,
     numel,
@@ -157,8 +159,8 @@ class DataTrainingArguments:
         metadata={
             "help": "MNIST default only: also hold out this many training digits (the ones after the first "
             "max_train_samples, never trained on) as a 'validation' eval set next to the 'test' digits. Evaluations "
-            "then log eval_validation_* and eval_test_*, so a choice made on evaluations (metric_for_best_model, "
-            "e.g. validation_loss; SEMA's switch_policy='if_better') is reported on digits it never saw."
+            "then log eval_validation_* and eval_test_*, and choices made on evaluations (metric_for_best_model, "
+            "then validation_loss by default; SEMA's switch_policy='if_better') are reported on digits they never saw."
         },
     )
 
@@ -180,8 +182,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser(
         (ModelArguments, DataTrainingArguments, TrainingArguments, sema_args, SEMAExampleArguments)
     )
+    args = expand_args(args)
     model_args, data_args, training_args, sema_values, example_args = parse_args(
-        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags()}, FROM_SCRATCH_DEFAULTS
+        parser, args, {**SCRIPT_DEFAULTS, **default_device_flags(), **held_out_defaults(args)}, FROM_SCRATCH_DEFAULTS
     )
     sema_config = to_sema_config(sema_values)
     finish_output_dir(training_args, "run_image_classification", example_args.sema_mode)
@@ -356,6 +359,15 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
         if column not in raw["train"].column_names:
             raise ValueError(f"Column {column!r} not in the dataset's columns {raw['train'].column_names}.")
     return raw
+
+
+def held_out_defaults(args: list[str]) -> dict[str, Any]:
+    """With held-out validation digits, decisions made on evaluations (the best checkpoint, the guarded switch)
+    use their loss unless ``--metric_for_best_model`` says otherwise."""
+    count = flag_value(args, "validation_samples")
+    if count is None or not count.isdigit() or int(count) == 0:
+        return {}  # (a malformed count is the parser's to refuse)
+    return {"metric_for_best_model": "validation_loss"}
 
 
 def eval_sets(raw: datasets.DatasetDict, data_args: DataTrainingArguments, prepare, transform):
