@@ -312,6 +312,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     model = load_model(model_args, tokenizer)
     total_params = numel(model, trainable_only=False)
     if example_args.use_lora:
+        set_seed(training_args.seed)  # the adapter's init depends on --seed only, not on what loading drew
         from_scratch = model_args.model_name_or_path is None
         model = apply_lora(model, example_args, "CAUSAL_LM", training_args=training_args, from_scratch=from_scratch)
     trainable = numel(model, trainable_only=True)

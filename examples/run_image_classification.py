@@ -198,6 +198,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     model, processor = load_model_and_processor(model_args, labels)
     total_params = numel(model, trainable_only=False)
     if example_args.use_lora:
+        set_seed(training_args.seed)  # the adapter's init depends on --seed only, not on what loading drew
         # The classification head is new: train it fully next to the adapter (it is averaged too).
         model = apply_lora(
             model,

@@ -190,6 +190,29 @@ def test_run_clm_lora_averages_only_the_adapter_and_saves_its_average(clm_run, c
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
 
 
+def test_the_lora_adapter_depends_on_the_seed_not_on_what_loading_the_model_drew(clm_run, monkeypatch, tmp_path):
+    """A model loaded fresh draws random numbers (weight init before the checkpoint is read); one deep-copied from
+    a cache draws none. The adapter, initialized after loading, must not care (paired runs of a study rely on it)."""
+    pretrained, _, _ = clm_run
+    original = run_clm.load_model
+    saved = []
+    for draws in (0, 1000):
+
+        def load_and_draw(*args, draws=draws, **kwargs):
+            model = original(*args, **kwargs)
+            torch.rand(draws)
+            return model
+
+        monkeypatch.setattr(run_clm, "load_model", load_and_draw)
+        out = str(tmp_path / f"draws{draws}")
+        args = ["--model_name_or_path", pretrained, "--output_dir", out, "--use_lora", "--lora_r", "2", *TINY_RUN]
+        run_clm.main(args + ["--lora_target_modules", "c_attn", "--eval_before_training", "false"])
+        saved.append(load_file(os.path.join(out, "adapter_model.safetensors")))
+    assert saved[0].keys() == saved[1].keys()
+    for name, value in saved[0].items():
+        assert torch.equal(value, saved[1][name]), name
+
+
 def test_push_to_hub_uploads_the_sema_model_with_its_card(captured, tmp_path, monkeypatch):
     """No network: the Trainer's Hub calls are intercepted on `huggingface_hub.HfApi`, and the folder it would
     upload is copied aside at the moment of the call."""
