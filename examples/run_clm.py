@@ -122,12 +122,13 @@ FROM_SCRATCH_FLAGS = ("model_type", "config_name", "config_overrides")
 FROM_SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
 # The main job: SmolLM2 on the embedded Shakespeare, sized to about 6 minutes on 2 CPU cores (examples/README.md has
 # the measurements): LoRA (a step costs about half of a full fine-tuning step here, and the optimizer state is tiny;
-# --use_lora false trains every weight), a slice of the training plays, evaluations of 16 blocks, short warmup.
+# --use_lora false trains every weight), a slice of the training plays, evaluations of 8 blocks (each epoch's is made
+# twice under the examples' guarded switch), short warmup.
 SMOLLM2_DEFAULTS: dict[str, Any] = {
     "use_lora": True,
     "learning_rate": 5e-4,
-    "max_train_samples": 48,
-    "max_eval_samples": 16,
+    "max_train_samples": 32,
+    "max_eval_samples": 8,
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 8,
     "num_train_epochs": 3,
