@@ -14,6 +14,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
+import torch
+
 
 def eval_set_count(eval_dataset: Any) -> int:
     """How many ``on_evaluate`` calls one evaluation by the Trainer makes: one per set of a dict."""
@@ -56,6 +58,12 @@ def weights_behind_best_metric(evaluate_with: str, metric_for_best_model: str | 
     if evaluate_with == "both" and metric.removeprefix("eval_").startswith("ema_"):
         return "ema"
     return "model"
+
+
+def rng_kept() -> AbstractContextManager:
+    """Restore torch's CPU RNG, and each initialized CUDA device's, on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 class EvaluationRound:
@@ -101,10 +109,15 @@ class EvaluationRound:
         return True
 
     def evaluate_average(self, trainer: Any, swap_in: Callable[[], AbstractContextManager]) -> dict[str, float]:
-        """Evaluate every eval set with the average swapped in (``eval_ema_*``), through the Trainer."""
+        """Evaluate every eval set with the average swapped in (``eval_ema_*``), through the Trainer.
+
+        The random number generators come back as they were: every evaluation makes a DataLoader iterator, which
+        draws its seed from the global RNG, so without this the extra evaluation would shift the dropout masks
+        training draws next, and a guarded switch that keeps the raw weights would not train as no averaging does.
+        """
         self.evaluating_average = True
         try:
-            with swap_in():
+            with swap_in(), rng_kept():
                 found = trainer.evaluate(metric_key_prefix="eval_ema")
         finally:
             self.evaluating_average = False

@@ -184,6 +184,37 @@ def test_if_better_switches_when_the_average_is_better(tmp_path):
     assert torch.equal(trainer.model.w.data, sema.ema_state_dict()["w"])
 
 
+class DropoutRegressor(nn.Module):
+    """`TinyRegressor` with dropout on the hidden layer: training draws from the global RNG at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 1)
+
+    def forward(self, x, labels=None):
+        hidden = nn.functional.dropout(torch.tanh(self.fc1(x)), 0.5, self.training)
+        out = self.fc2(hidden).squeeze(-1)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def test_evaluating_the_average_does_not_change_what_training_draws_next(tmp_path):
+    """Each evaluation makes a DataLoader iterator, which draws a seed from the global RNG; the extra evaluation of
+    the average (if_better, evaluate_with="both") must not shift the dropout masks that training draws after it,
+    so a guarded switch that keeps the raw weights trains exactly as no averaging."""
+    finals = []
+    for callbacks in ([], [SEMACallback(decay=0.8, switch=False, evaluate_with="both", final_weights="model")]):
+        trainer = tiny_trainer(
+            str(tmp_path / str(len(callbacks))), callbacks, model=DropoutRegressor(), eval_strategy="epoch"
+        )
+        trainer.args.num_train_epochs = 3
+        trainer.train()
+        assert any("eval_ema_loss" in h for h in trainer.state.log_history) == bool(callbacks)
+        finals.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name
+
+
 def test_if_better_without_an_evaluation_at_every_switch_point_is_refused(tmp_path):
     sema = SEMACallback(decay=0.8, switch_policy="if_better")
     with pytest.raises(ValueError, match="does not evaluate at every switch point"):
