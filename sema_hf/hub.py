@@ -28,6 +28,7 @@ from transformers import Trainer
 
 from .callback import SEMACallback
 from .config import SEMAConfig
+from .horizon import horizon_of_decay
 from .trainer import EMAFirstCheckpointMixin
 
 SEMA_TAGS = ("sema", "switch-ema")
@@ -88,7 +89,7 @@ def sema_model_card_section(
     if resolved_decay is not None:
         lines += [
             "",
-            f"Per-step decay used: {resolved_decay:.6g} (horizon {1.0 / (1.0 - resolved_decay):.4g} optimizer steps).",
+            f"Per-step decay used: {resolved_decay:.6g} (horizon {horizon_of_decay(resolved_decay):.4g} optimizer steps).",
         ]
     counts = []
     if num_updates is not None:

@@ -51,7 +51,7 @@ def check_run_settings(
         )
     if config.switch_policy == "if_better":
         _check_if_better(config, args, trainer, steps_per_epoch)
-    hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+    hub_strategy = _option(args.hub_strategy)
     if args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
         if not getattr(trainer, "sema_saves_ema_first", False):
             logger.warning(
@@ -67,11 +67,16 @@ def check_run_settings(
     return warmup_steps
 
 
+def _option(value: object) -> str:
+    """A `TrainingArguments` choice as its string: the enum's value (``IntervalStrategy.EPOCH`` -> "epoch")."""
+    return str(getattr(value, "value", value))
+
+
 def evaluates_at_every_switch_point(config: SEMAConfig, args: TrainingArguments) -> bool:
     """Whether the Trainer's evaluation schedule lands on every switch point, as ``switch_policy="if_better"``
     needs: ``eval_strategy="epoch"`` for epoch switches, ``"steps"`` with ``eval_steps`` dividing
     ``switch_every_steps`` for step switches. (Whether there is an eval set is the caller's to check.)"""
-    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    strategy = _option(args.eval_strategy)
     if config.switch_every_steps is None:
         return strategy == "epoch"
     eval_steps = args.eval_steps
@@ -88,7 +93,7 @@ def _check_if_better(
     if not config.switch:
         return
     if not evaluates_at_every_switch_point(config, args):
-        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        strategy = _option(args.eval_strategy)
         interval = switch_interval_steps(config, steps_per_epoch)
         raise ValueError(
             f"SEMA(switch_policy='if_better') decides each switch on an evaluation of both weight sets, but "
