@@ -228,12 +228,10 @@ def example_switch_policy(
 
 
 def with_example_switch_policy(
-    args: list[str] | None, config: SEMAConfig, training_args: TrainingArguments, eval_dataset: Any
+    args: list[str], config: SEMAConfig, training_args: TrainingArguments, eval_dataset: Any
 ) -> SEMAConfig:
-    """``config`` with `example_switch_policy`, logged."""
-    policy, reason = example_switch_policy(
-        flag_given(expand_args(args), "switch_policy"), config, training_args, eval_dataset
-    )
+    """``config`` with `example_switch_policy` for the command line ``args`` (as `expand_args` returns it), logged."""
+    policy, reason = example_switch_policy(flag_given(args, "switch_policy"), config, training_args, eval_dataset)
     logger.info(f"SEMA switch_policy={policy!r} ({reason}).")
     return config.replace(switch_policy=policy)
 

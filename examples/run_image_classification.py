@@ -271,7 +271,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
                 what += ", raw weights (final_weights='model', if_better or the best checkpoint)"
             print(
                 f"\n*** {what}: {prefix}_accuracy {eval_metrics[f'{prefix}_accuracy']:.4f}, {prefix}_loss "
-                f"{eval_metrics[f'{prefix}_loss']:.4f} ({len(reported)} images; saved to {training_args.output_dir}) ***\n",
+                f"{eval_metrics[f'{prefix}_loss']:.4f} ({len(reported)} images; saved to "
+                f"{training_args.output_dir}) ***\n",
                 flush=True,
             )
 

@@ -22,8 +22,8 @@ every variant starts from the same weights and sees the same batches in the same
 * ``if-better``: `sema` with ``switch_policy="if_better"`` (the average is copied in only when it evaluates better).
 * ``if-better-held-out``: the same, with the switch decided on 250 held-out training digits and the test digits
   reported (``--validation_samples``), so the guarded switch is not credited for choosing on the reported set.
-* ``lr-constant``: `none`/`ema`/`sema` with a constant learning rate (after the same warmup) instead of cosine to zero (annealing does part of
-  what averaging does).
+* ``lr-constant``: `none`/`ema`/`sema` with a constant learning rate (after the same warmup) instead of cosine to
+  zero (annealing does part of what averaging does).
 * ``smollm2-lora`` / ``smollm2-full``: SmolLM2-135M (pretrained) fine-tuned on Shakespeare for 3 epochs, LoRA and
   full; ``smollm2-if-better``: the LoRA runs with the guarded switch.
 
@@ -251,6 +251,14 @@ HORIZONS = (0.15, 0.3, 1.0, 3.0)
 BASE_HORIZON = 0.3  # the horizon of the pieces that vary something else
 
 
+# The guarded switch against the plain one and no averaging (the if-better pieces).
+GUARDED = (
+    Variant("none"),
+    Variant("sema", horizon_epochs=BASE_HORIZON),
+    Variant("sema", horizon_epochs=BASE_HORIZON, switch_policy="if_better"),
+)
+
+
 def _trio(**kwargs: Any) -> list[Variant]:
     return [Variant("none", **{k: v for k, v in kwargs.items() if k == "lr_schedule"})] + [
         Variant(mode, horizon_epochs=BASE_HORIZON, **kwargs) for mode in ("ema", "sema")
@@ -299,21 +307,13 @@ PIECES: dict[str, Piece] = {
         Piece(
             "if-better",
             VIT,
-            (
-                Variant("none"),
-                Variant("sema", horizon_epochs=BASE_HORIZON),
-                Variant("sema", horizon_epochs=BASE_HORIZON, switch_policy="if_better"),
-            ),
+            GUARDED,
             "Does the guarded switch (copy the average in only when it evaluates better) avoid SEMA's losses?",
         ),
         Piece(
             "if-better-held-out",
             VIT_HELD_OUT,
-            (
-                Variant("none"),
-                Variant("sema", horizon_epochs=BASE_HORIZON),
-                Variant("sema", horizon_epochs=BASE_HORIZON, switch_policy="if_better"),
-            ),
+            GUARDED,
             "Decided on held-out training digits instead of the reported test digits, does the guarded switch "
             "still avoid SEMA's losses?",
         ),
@@ -332,11 +332,7 @@ PIECES: dict[str, Piece] = {
         Piece(
             "smollm2-if-better",
             SMOLLM2_LORA,
-            (
-                Variant("none"),
-                Variant("sema", horizon_epochs=BASE_HORIZON),
-                Variant("sema", horizon_epochs=BASE_HORIZON, switch_policy="if_better"),
-            ),
+            GUARDED,
             "Fine-tuning with LoRA, does the guarded switch avoid SEMA's loss (decided on the eval set itself)?",
         ),
         Piece(
