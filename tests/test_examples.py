@@ -96,6 +96,13 @@ def _history(folder: str) -> list[dict]:
         return json.load(f)["log_history"]
 
 
+def _switch_points(folder: str) -> list[dict]:
+    """Everything logged at each switch point (each step with an ``ema_switched``), merged into one dict per point."""
+    history = _history(folder)
+    steps = sorted({h["step"] for h in history if "ema_switched" in h})
+    return [{k: v for h in history if h["step"] == step for k, v in h.items()} for step in steps]
+
+
 @pytest.fixture(scope="module")
 def clm_run(tmp_path_factory):
     """One default-corpus run_clm.py (Switch EMA), reused as a 'pretrained' model by later tests."""
@@ -309,13 +316,10 @@ def test_if_better_decides_on_the_held_out_digits_and_the_test_digits_are_report
     (callback,) = captured
     assert callback.config.switch_policy == "if_better"
     assert metrics["eval_test_samples"] == 32 and 0.0 <= metrics["eval_test_accuracy"] <= 1.0
-    history = _history(out)
-    decisions = [h["ema_switched"] for h in history if "ema_switched" in h]
-    expected = []
-    for step in sorted({h["step"] for h in history if "ema_switched" in h}):
-        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
-        assert "eval_test_loss" in at and "eval_ema_test_loss" in at
-        expected.append(float(at["eval_ema_validation_loss"] < at["eval_validation_loss"]))
+    points = _switch_points(out)
+    assert all("eval_test_loss" in at and "eval_ema_test_loss" in at for at in points)
+    decisions = [at["ema_switched"] for at in points]
+    expected = [float(at["eval_ema_validation_loss"] < at["eval_validation_loss"]) for at in points]
     assert decisions == expected and len(decisions) == 2
     assert callback.num_switches == sum(decisions)
 
@@ -493,12 +497,9 @@ def test_run_clm_by_default_copies_the_average_in_only_when_it_evaluates_better(
     run_clm.main(["--output_dir", out, *TINY_CLM])
     (callback,) = captured
     assert callback.config.switch_policy == "if_better"
-    history = _history(out)
-    decisions, expected = [], []
-    for step in sorted({h["step"] for h in history if "ema_switched" in h}):
-        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
-        decisions.append(at["ema_switched"])
-        expected.append(float(at["eval_ema_loss"] < at["eval_loss"]))
+    points = _switch_points(out)
+    decisions = [at["ema_switched"] for at in points]
+    expected = [float(at["eval_ema_loss"] < at["eval_loss"]) for at in points]
     assert decisions == expected and len(decisions) == 2 and callback.num_switches == sum(decisions)
     # The run ends at the last switch point: the saved model is what its decision chose.
     assert callback.final_weights_held == ("ema" if decisions[-1] else "model")
@@ -535,12 +536,10 @@ def _ema_fractions(output: str) -> list[float]:
 
 def _assert_guarded_switch_decided_every_epoch(out: str) -> None:
     """The examples' default (if_better) under several ranks: one decision per epoch, on both evaluations."""
-    history = _history(out)
-    decisions = {h["step"]: h["ema_switched"] for h in history if "ema_switched" in h}
-    for step, switched in decisions.items():
-        at = {k: v for h in history if h["step"] == step for k, v in h.items()}
-        assert switched == float(at["eval_ema_loss"] < at["eval_loss"])
-    assert len(decisions) == 2
+    points = _switch_points(out)
+    for at in points:
+        assert at["ema_switched"] == float(at["eval_ema_loss"] < at["eval_loss"])
+    assert len(points) == 2
 
 
 @pytest.mark.multiprocess
