@@ -18,6 +18,7 @@ from .landscape import (
     top_hessian_eigenvalue,
 )
 from .landscape_probe import LandscapeProbe
+from .sema import SEMA
 from .store import EMAStore
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Flatness",
     "LandscapeProbe",
     "LossProfile",
+    "SEMA",
     "SEMACallback",
     "SEMAConfig",
     "SEMATrainer",

@@ -244,3 +244,29 @@ def _describe_param_mismatch(directory: str, saved: list, current: list) -> str:
         f"not in checkpoint {missing[:10]}, not in model {unexpected[:10]}, shape mismatches {reshaped[:10]}"
         + ("" if missing or unexpected or reshaped else " (same tensors in a different order)")
     )
+
+
+def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
+    """Every rank calls this after a step that may fail on some ranks only (reading its EMA shard): if any rank
+    failed, every rank raises one error quoting each failing rank's reason, instead of the ranks that succeeded
+    walking on into the next collective and waiting there forever. One all-reduce of one integer; when some rank
+    failed, one all-gather of the messages. Without a process group, ``error`` is re-raised as is."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()) == 0:
+        return
+    messages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    reasons = " ".join(f"Rank {rank}: {message}" for rank, message in failed)
+    raise RuntimeError(
+        f"SEMA could not {what} on {len(failed)} of {len(messages)} ranks, so no rank continues (the others would "
+        f"otherwise wait in the next collective forever). {reasons}"
+    ) from error

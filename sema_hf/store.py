@@ -115,6 +115,8 @@ class EMAStore:
         after_write: called after the store wrote into the model's tensors (switch, swap in, swap out), so an
             engine can refresh what the forward reads.
         scratch_numel: size of the fp32 cast buffer used for low-precision sources.
+        before_read: called before the store reads the sources (update, reset), so an engine can refresh sources
+            that are copies (DDP with ``include_buffers``: rank 0's buffers, broadcast into a scratch buffer).
         backup_forward: for engines whose ``after_write`` communicates (DDP with ``shard_under_ddp``): called when
             an evaluation swaps the averages in, before anything is written; it keeps a local copy of every tensor
             the forward reads and returns a function that restores them all, locally, on swap-out, so leaving the
@@ -129,6 +131,7 @@ class EMAStore:
         scratch_numel: int = SCRATCH_NUMEL,
         *,
         backup_forward: Callable[[], Callable[[], None]] | None = None,
+        before_read: Callable[[], None] | None = None,
     ) -> None:
         names = [s.name for s in slots]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -140,6 +143,7 @@ class EMAStore:
         self.slots: list[Slot] = list(slots)
         self._after_write = after_write or (lambda: None)
         self._backup_forward = backup_forward
+        self._before_read = before_read or (lambda: None)
         self._averages: dict[str, torch.Tensor] = self._allocate()
         self._plan_update(scratch_numel)
         self.reset()
@@ -218,6 +222,7 @@ class EMAStore:
     @torch.no_grad()
     def reset(self) -> None:
         """Start the average afresh as a copy of the sources."""
+        self._before_read()
         for averages, sources in self._reset_copies:
             torch._foreach_copy_(averages, sources)
 
@@ -225,6 +230,7 @@ class EMAStore:
     def update(self, decay: float) -> None:
         """``ema <- decay * ema + (1 - decay) * source`` for every slot, in place, with no allocation."""
         weight = 1.0 - decay
+        self._before_read()
         if self._fp32_averages:
             torch._foreach_lerp_(self._fp32_averages, self._fp32_sources, weight)
         for block in self._cast_blocks:
@@ -285,9 +291,8 @@ class EMAStore:
         """The averages by slot name (views of the store's buffers; clone them to keep a snapshot)."""
         return dict(self._averages)
 
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore averages saved by `state_dict`; names and shapes must match exactly."""
+    def check_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``state`` has exactly this store's names and shapes (changes nothing)."""
         missing = [n for n in self._averages if n not in state]
         unexpected = [n for n in state if n not in self._averages]
         mismatched = [
@@ -302,5 +307,10 @@ class EMAStore:
                 f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
                 f"shape mismatches {mismatched[:10]}"
             )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore averages saved by `state_dict`; names and shapes must match exactly."""
+        self.check_state_dict(state)
         for n, a in self._averages.items():
             a.copy_(state[n])

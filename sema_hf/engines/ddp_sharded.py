@@ -77,10 +77,15 @@ def flat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 class DDPShardedAdapter(ShardedAdapter):
     """DDP replicas sharing one average: this rank averages a contiguous 1/W of the flattened trainable elements.
 
+    Swapping the average in for an evaluation gathers it (``swap_is_collective``): every rank must swap, even
+    though the forward of a DDP model is rank-local.
+
     Args:
         model: the user's model (or its ``DistributedDataParallel`` wrapper); the same on every rank.
         group: the data-parallel process group (default: the whole world).
     """
+
+    swap_is_collective = True
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         self.model = unwrap_model(model)

@@ -97,6 +97,9 @@ class ZeroPartitionAdapter(ShardedAdapter):
             self._lp_parts.append(lp_part)
         averaged = [p for group_params in params for p in group_params]
         super().__init__(f"deepspeed-zero{stage}", _ordered_params(model, averaged, lambda p: p.shape), pieces, group)
+        # A swap for evaluation refreshes every rank's full compute copy with one all-gather, though the forward is
+        # rank-local: every rank must swap.
+        self.swap_is_collective = self.world_size > 1
 
     def after_write(self) -> None:
         """Refresh every rank's full compute copy from the partitions, as the ZeRO optimizer does after a step."""
