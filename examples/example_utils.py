@@ -5,10 +5,14 @@ Kept next to the scripts (not in the library) because it is about command lines,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
@@ -346,3 +350,97 @@ def last_checkpoint(training_args: TrainingArguments) -> str | None:
             f"Resuming from {last} (model, optimizer and SEMA average). Use another --output_dir to start over."
         )
     return last
+
+
+# ---- GGUF checkpoints as regular ones ------------------------------------------------------------------------------
+def gguf_checkpoint(folder: str, gguf_file: str, cache_dir: str | None = None) -> str:
+    """A regular transformers checkpoint folder (safetensors weights, config, generation config, tokenizer) holding
+    ``folder/gguf_file`` de-quantized to fp32: converted once, then read from the cache.
+
+    A GGUF file is de-quantized whole by ``from_pretrained(..., gguf_file=...)``, which cannot run inside DeepSpeed
+    ZeRO-3's partitioned init (``deepspeed.zero.Init``); a safetensors folder loads under every engine, and in a second
+    instead of 15-45 s. The folder is ``<cache>/gguf/<file stem>-<first 16 hex digits of the file's sha256>``, where
+    ``<cache>`` is ``cache_dir``, else ``$SEMA_HF_CACHE``, else ``~/.cache/sema-hf`` (``$XDG_CACHE_HOME`` respected).
+    It is written under a temporary name and renamed when complete, so a crash or a second process converting at the
+    same time never leaves a half-written folder behind. The conversion runs in a child Python process, so it also
+    works when the caller has already set up ZeRO-3 (which would partition the de-quantizing model).
+    """
+    source = os.path.join(folder, gguf_file)
+    if not os.path.isfile(source):  # a Hub repo id: the file in the Hub cache (downloaded once)
+        from huggingface_hub import hf_hub_download
+
+        source = hf_hub_download(folder, gguf_file, cache_dir=cache_dir)
+        folder, gguf_file = os.path.dirname(source), os.path.basename(source)
+    digest = _sha256(source)[:16]
+    root = os.path.join(_cache_root(cache_dir), "gguf")
+    target = os.path.join(root, f"{os.path.splitext(os.path.basename(gguf_file))[0]}-{digest}")
+    if os.path.isfile(os.path.join(target, GGUF_SOURCE_FILE)):
+        return target
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=root)
+    try:
+        logger.warning(f"Converting {source} to a safetensors checkpoint in {target} (once; about a minute)")
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--convert-gguf", folder, gguf_file, staging],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"Converting {source} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        with open(os.path.join(staging, GGUF_SOURCE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"gguf_file": os.path.abspath(source), "sha256_prefix": digest}, f)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, GGUF_SOURCE_FILE)):  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# Written last into a converted folder: its presence means the conversion finished (and from which file).
+GGUF_SOURCE_FILE = "sema_hf_gguf_source.json"
+
+
+def convert_gguf(folder: str, gguf_file: str, output_dir: str) -> None:
+    """De-quantize ``folder/gguf_file`` to fp32 and save it as a plain checkpoint (model, tokenizer) in ``output_dir``.
+
+    transformers marks a model loaded from GGUF as quantized (``config.quantization_config``): the Trainer would refuse
+    to fine-tune it without an adapter and ``save_pretrained`` would write the GGUF quantization config. The weights
+    are already plain fp32 tensors, so they are moved into a fresh model built from the same config without that entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(output_dir)
+
+
+def _cache_root(cache_dir: str | None) -> str:
+    if cache_dir:
+        return os.path.join(os.path.expanduser(cache_dir), "sema-hf")
+    if os.environ.get("SEMA_HF_CACHE"):
+        return os.path.expanduser(os.environ["SEMA_HF_CACHE"])
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sema-hf")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    # The child process of `gguf_checkpoint`: python example_utils.py --convert-gguf FOLDER GGUF_FILE OUTPUT_DIR
+    if len(sys.argv) != 5 or sys.argv[1] != "--convert-gguf":
+        raise SystemExit("usage: example_utils.py --convert-gguf FOLDER GGUF_FILE OUTPUT_DIR")
+    convert_gguf(*sys.argv[2:])

@@ -40,6 +40,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate import PartialState
 from datasets import load_dataset
 from example_utils import (
     AUTO_OUTPUT_DIR,
@@ -51,6 +52,7 @@ from example_utils import (
     finish_output_dir,
     flag_given,
     flag_value,
+    gguf_checkpoint,
     init_deepspeed_comm,
     last_checkpoint,
     numel,
@@ -342,7 +344,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     )
 
     metrics: dict[str, float] = {}
-    if report_args.eval_before_training and training_args.deepspeed:
+    if report_args.eval_before_training and trainer.is_deepspeed_enabled:  # --deepspeed or accelerate's config
         # An evaluate() before train() makes the Trainer build an inference-only DeepSpeed engine; train() then runs
         # without the ZeRO optimizer that the average of the shards needs.
         logger.info("--eval_before_training is skipped under DeepSpeed.")
@@ -536,8 +538,7 @@ def _block_len(dataset: datasets.Dataset) -> int:
 def load_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments):
     source = model_args.tokenizer_name or model_args.model_name_or_path
     if source == SMOLLM2 or (source is not None and source == model_args.model_name_or_path and model_args.gguf_file):
-        folder, gguf_file = _gguf_location(model_args)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(converted_gguf(model_args))
     if source is not None:
         return AutoTokenizer.from_pretrained(
             source,
@@ -643,35 +644,28 @@ def _gguf_location(model_args: ModelArguments) -> tuple[str, str]:
     return model_args.model_name_or_path, model_args.gguf_file
 
 
+def converted_gguf(model_args: ModelArguments) -> str:
+    """The regular checkpoint folder (safetensors, config, tokenizer) that the GGUF file of ``--model_name_or_path
+    smollm2`` or ``--gguf_file`` is converted to once and cached (`example_utils.gguf_checkpoint`); with several
+    processes the first one on each machine converts while the others wait."""
+    folder, gguf_file = _gguf_location(model_args)
+    with PartialState().local_main_process_first():
+        return gguf_checkpoint(folder, gguf_file, model_args.cache_dir)
+
+
 def load_gguf_model(model_args: ModelArguments) -> torch.nn.Module:
     """Load a GGUF checkpoint de-quantized to fp32, as a plain (trainable, savable) transformers model.
 
-    transformers marks a model loaded from GGUF as quantized (``hf_quantizer``, ``config.quantization_config``), and
-    the Trainer refuses to fine-tune quantized models without an adapter; ``save_pretrained`` would also write the
-    GGUF quantization config. The weights are already plain fp32 tensors, so they are moved into a fresh model built
-    from the same config without the quantization entry.
+    It is read from the safetensors folder that `converted_gguf` makes once, so it loads like any checkpoint, under
+    DeepSpeed ZeRO-3's partitioned init too (each rank then materializes only its shard).
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise ValueError(
-            "A GGUF checkpoint (--model_name_or_path smollm2 or --gguf_file) cannot be loaded under DeepSpeed ZeRO-3: "
-            "it is de-quantized whole on each process. Use another engine, a regular checkpoint, or --model_type gpt2."
-        )
-    folder, gguf_file = _gguf_location(model_args)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    model = AutoModelForCausalLM.from_pretrained(converted_gguf(model_args), dtype=torch.float32)
     if model_args.model_name_or_path == SMOLLM2:
-        # Record where the weights come from as the Hub id, not this machine's site-packages folder: PEFT writes
-        # it as `base_model_name_or_path` into adapter_config.json and the adapter's card, the Trainer's card reads it.
+        # Record where the weights come from as the Hub id, not this machine's cache folder: PEFT writes it as
+        # `base_model_name_or_path` into adapter_config.json and the adapter's card, the Trainer's card reads it.
         model.config._name_or_path = SMOLLM2_HUB_ID
         model.name_or_path = SMOLLM2_HUB_ID
-    logger.info(f"Loaded {gguf_file} de-quantized: {numel(model, False):,} fp32 parameters")
+    logger.info(f"Loaded {_gguf_location(model_args)[1]} de-quantized: {numel(model, False):,} fp32 parameters")
     return model
 
 

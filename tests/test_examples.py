@@ -421,12 +421,31 @@ def test_run_clm_default_lora_adapter_of_smollm2_points_at_the_hub_id(smollm2_lo
     _assert_equal_to_ema(saved, callback, rename=lambda k: k.replace(".default.", "."))
 
 
-def test_a_gguf_checkpoint_under_zero3_is_refused_before_loading(monkeypatch):
-    import transformers.integrations
+def test_a_gguf_checkpoint_is_converted_once_into_a_regular_safetensors_folder(monkeypatch):
+    # A regular folder is what loads under DeepSpeed ZeRO-3's partitioned init; the GGUF itself cannot.
+    args = run_clm.ModelArguments(model_name_or_path=run_clm.SMOLLM2)
+    folder = run_clm.converted_gguf(args)  # converts on the machine's first call (about 40 s), else reads the cache
+    assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        assert "quantization_config" not in json.load(f)
 
-    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
-    with pytest.raises(ValueError, match="cannot be loaded under DeepSpeed ZeRO-3"):
-        run_clm.load_gguf_model(run_clm.ModelArguments(model_name_or_path=run_clm.SMOLLM2))
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(example_utils.subprocess, "run", no_second_conversion)
+    assert run_clm.converted_gguf(args) == folder
+    model = run_clm.load_gguf_model(args)
+    assert model.name_or_path == run_clm.SMOLLM2_HUB_ID and getattr(model.config, "quantization_config", None) is None
+
+
+def test_a_failed_gguf_conversion_leaves_no_folder_behind(monkeypatch, tmp_path):
+    failed = type("Done", (), {"returncode": 1, "stdout": "", "stderr": "out of memory"})()
+    monkeypatch.setattr(example_utils.subprocess, "run", lambda *a, **k: failed)
+    folder, gguf_file = run_clm._gguf_location(run_clm.ModelArguments(model_name_or_path=run_clm.SMOLLM2))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        example_utils.gguf_checkpoint(folder, gguf_file, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "sema-hf" / "gguf") == []
 
 
 # ---- mistyped paths ---------------------------------------------------------------------------------------------
