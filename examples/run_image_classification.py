@@ -163,12 +163,24 @@ class DataTrainingArguments:
             "then validation_loss by default; SEMA's switch_policy='if_better') are reported on digits they never saw."
         },
     )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "MNIST default only: give this fraction of the training digits a wrong label, drawn uniformly "
+            "from the other nine (one fixed draw, the same for every --seed; held-out and test digits keep their "
+            "labels). Makes generalization matter: the model can memorize the wrong labels."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"--train_val_split {self.train_val_split} must be in (0, 1).")
         if self.validation_samples < 0:
             raise ValueError(f"--validation_samples {self.validation_samples} must be >= 0.")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"--label_noise {self.label_noise} must be in [0, 1).")
+        if self.label_noise and (self.dataset_name is not None or self.train_dir is not None):
+            raise ValueError("--label_noise applies to the offline MNIST default only.")
         if self.validation_samples and (self.dataset_name is not None or self.train_dir is not None):
             raise ValueError(
                 "--validation_samples holds out digits of the offline MNIST default; with --dataset_name or "
@@ -334,6 +346,23 @@ def load_mnist(max_train: int | None, max_eval: int | None, validation: int = 0)
     return datasets.DatasetDict(splits)
 
 
+def with_label_noise(raw: datasets.DatasetDict, fraction: float, seed: int = 0) -> datasets.DatasetDict:
+    """``raw`` with ``fraction`` of its training labels replaced by a uniformly drawn other label (a fixed draw)."""
+    train = raw["train"]
+    labels = np.asarray(train["label"], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
+    noisy = train.map(
+        lambda batch, indices: {"label": labels[indices].tolist()},
+        with_indices=True,
+        batched=True,
+        features=train.features,
+        keep_in_memory=True,
+    )
+    return datasets.DatasetDict({**raw, "train": noisy})
+
+
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
     if data_args.dataset_name is not None:
         raw = load_dataset(
@@ -353,7 +382,8 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             data_args.max_train_samples = MNIST_TRAIN_SAMPLES
         if data_args.max_eval_samples is None:
             data_args.max_eval_samples = MNIST_EVAL_SAMPLES
-        return load_mnist(data_args.max_train_samples, data_args.max_eval_samples, data_args.validation_samples)
+        raw = load_mnist(data_args.max_train_samples, data_args.max_eval_samples, data_args.validation_samples)
+        return with_label_noise(raw, data_args.label_noise) if data_args.label_noise else raw
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(data_args.train_val_split, seed=0)
         raw = datasets.DatasetDict(train=held_out["train"], validation=held_out["test"])

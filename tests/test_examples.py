@@ -593,3 +593,55 @@ def test_run_clm_deepspeed_zero3_two_processes(tmp_path):
     assert len(fractions) == 2 and all(30.0 < f < 70.0 for f in fractions) and 99.0 < sum(fractions) < 101.0
     assert set(SEMA_TAGS) <= set(_card(out).data.tags)
     run_clm.AutoModelForCausalLM.from_pretrained(out)
+
+
+# ---- study v2 (issue 18): label noise, the seed-major queue, paired differences -------------------------------------
+def test_label_noise_gives_a_fixed_fraction_of_training_digits_a_wrong_label_and_leaves_the_rest():
+    import datasets
+
+    labels = [i % 10 for i in range(200)]
+    features = datasets.Features({"label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    raw = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"label": labels}, features=features),
+        validation=datasets.Dataset.from_dict({"label": labels[:20]}, features=features),
+    )
+    noisy = run_image_classification.with_label_noise(raw, 0.2)
+    changed = [i for i, (a, b) in enumerate(zip(labels, noisy["train"]["label"], strict=True)) if a != b]
+    assert len(changed) == 40  # every drawn label is moved to one of the nine others
+    assert noisy["validation"]["label"] == labels[:20] and noisy["train"].features == raw["train"].features
+    assert run_image_classification.with_label_noise(raw, 0.2)["train"]["label"] == noisy["train"]["label"]
+    with pytest.raises(ValueError, match="label_noise"):
+        run_image_classification.DataTrainingArguments(label_noise=1.0)
+
+
+def test_study_queue_is_seed_major_and_runs_a_shared_run_once():
+    import sema_study
+
+    queue = sema_study.study_queue(["mnist-noisy", "mnist-noisy-lr-constant", "mnist-noisy-horizon"], None)
+    seeds = [seed for _, _, seed in queue]
+    assert seeds == sorted(seeds)  # every variant has the same seeds wherever the study stops
+    ids = [sema_study.run_id(sema_study.PIECES[name].task, variant, seed) for name, variant, seed in queue]
+    assert len(ids) == len(set(ids)) == 5 * (4 + 4 + 2 * 4)  # the horizon sweep shares none and H = 0.3 epoch
+    assert sema_study.MNIST_V2.steps_per_epoch == 200 and sema_study.GPT2_V2.steps_per_epoch == 300
+    only = sema_study.study_queue(["mnist-noisy"], [3])
+    assert [seed for _, _, seed in only] == [3] * 4
+
+
+def test_study_paired_table_calls_a_difference_only_beyond_the_spread_of_the_paired_differences():
+    import sema_study
+
+    task = sema_study.Task(**{**sema_study.asdict(sema_study.MNIST_V2), "epochs": 4})
+    piece = sema_study.Piece("p", task, tuple(sema_study._trio()), "q?", seeds=(0, 1, 2))
+    gains = {"none": [0.0, 0.0, 0.0], "ema": [0.01, 0.012, 0.011], "sema": [0.02, -0.03, 0.0]}
+    runs = {}
+    for variant in piece.variants:
+        for seed in piece.seeds:
+            values = [0.5 + 0.1 * e + gains[variant.mode][seed] + 0.01 * seed for e in range(4)]
+            steps = [task.steps_per_epoch * (e + 1) for e in range(4)]
+            runs[sema_study.run_id(task, variant, seed)] = {"curve": {"steps": steps, "values": values}}
+    lines, out = sema_study.paired_table(piece, runs)
+    ema, sema = out["variants"]["ema H=0.3 ep"], out["variants"]["sema H=0.3 ep"]
+    assert ema["called"] and ema["delta_final"]["mean"] == pytest.approx(0.011)
+    assert not sema["called"] and sema["delta_final"]["values"] == pytest.approx([0.02, -0.03, 0.0])
+    assert ema["delta_at"][0.5]["mean"] == pytest.approx(0.011)  # epoch 2 of 4
+    assert "| `ema H=0.3 ep` | 0.0110 ± 0.0010 | +0.0100, +0.0120, +0.0110 | 3/3 | yes: better |" in lines[2]
