@@ -540,12 +540,15 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=EXAMPLES_DIR
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    # A study run from an exported snapshot of a commit (no .git) names that commit in SEMA_STUDY_COMMIT.
+    commit = os.environ.get("SEMA_STUDY_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=EXAMPLES_DIR
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
     return {
         "commit": commit,
         "torch": torch.__version__,
