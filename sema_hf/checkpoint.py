@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .engines.base import Layout
+from .engines.shards import cover_problems
 
 STATE_NAME = "sema_state.json"
 FORMAT = "sema-hf/1"
@@ -203,11 +204,25 @@ def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str
             f"and the same engine."
         ) from None
     shapes = dict(layout.slots)
-    out = {name: torch.empty(shapes[name], dtype=torch.float32) for name, _, _ in wanted}
-    covered = dict.fromkeys(out, 0)
     targets: dict[str, list[tuple[int, int]]] = {}
     for name, start, stop in wanted:
         targets.setdefault(name, []).append((start, stop))
+    # Check by intervals before reading anything: the saved ranges must tile each wanted range exactly once.
+    saved_ranges: dict[str, list[tuple[int, int]]] = {}
+    for pieces in saved_pieces:
+        for name, a, b in pieces:
+            saved_ranges.setdefault(name, []).append((a, b))
+    problems = [
+        f"{name} {problem}"
+        for name, start, stop in wanted
+        for problem in cover_problems(start, stop, saved_ranges.get(name, []))
+    ]
+    if problems:
+        raise ValueError(
+            f"EMA state in {directory!r} does not cover this rank's averages exactly once after re-sharding: "
+            f"{'; '.join(problems[:10])} (overlapping or missing ranges in the saved files)"
+        )
+    out = {name: torch.empty(shapes[name], dtype=torch.float32) for name, _, _ in wanted}
     for k, pieces in enumerate(saved_pieces):
         overlapping = [(n, a, b) for n, a, b in pieces if any(s < b and a < e for s, e in targets.get(n, []))]
         if not overlapping:
@@ -219,13 +234,6 @@ def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str
                     lo, hi = max(a, start), min(b, stop)
                     if lo < hi:
                         out[name].view(-1)[lo - start : hi - start].copy_(saved[lo - a : hi - a])
-                        covered[name] += hi - lo
-    missing = [name for name, start, stop in wanted if covered[name] != stop - start]
-    if missing:
-        raise ValueError(
-            f"EMA state in {directory!r} does not cover this rank's averages after re-sharding: {missing[:10]} "
-            "(overlapping or missing ranges in the saved files)"
-        )
     return out
 
 

@@ -76,6 +76,22 @@ def partition_ranges(entries: Sequence[FlatEntry], lo: int, hi: int) -> list[tup
     return out
 
 
+def cover_problems(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[str]:
+    """What keeps ``ranges`` from covering ``[lo, hi)`` exactly once: the holes (held by none) and the overlaps
+    (held twice), as ``"[a, b) missing"`` / ``"[a, b) twice"``; empty when they tile it. Checked by intervals, not
+    by adding up sizes: two ranges that both hold ``[0, 10)`` of ``[0, 20)`` add up to 20 and cover half."""
+    problems, at = [], lo
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in ranges if max(a, lo) < min(b, hi)):
+        if a > at:
+            problems.append(f"[{at}, {a}) missing")
+        elif a < at:
+            problems.append(f"[{a}, {min(at, b)}) twice")
+        at = max(at, b)
+    if at < hi:
+        problems.append(f"[{at}, {hi}) missing")
+    return problems
+
+
 def block_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     """Elements ``[start, stop)`` of a flattened tensor of ``numel`` elements held by ``rank`` when the tensor is cut
     into ``world_size`` blocks of ``ceil(numel / world_size)`` (the last ones short or empty): ZeRO-3's partitioning
@@ -174,15 +190,25 @@ class ShardedAdapter:
         self._check_coverage()
 
     def _check_coverage(self) -> None:
-        """One all-reduce at setup: the ranks' pieces must add up to every parameter exactly, else the engine's
-        layout was misread and the average would silently miss or double weights."""
-        held = torch.tensor([self.local_numel], dtype=torch.int64, device=self._device)
-        dist.all_reduce(held, group=self.group)
-        total = sum(math.prod(s) for _, s in self.params)
-        if int(held.item()) != total:
+        """One all-gather of the piece ranges at setup: the ranks' pieces must tile every parameter exactly (no
+        element held twice, none missing), else the engine's layout was misread and the average would silently
+        miss or double weights."""
+        gathered: list[list[tuple[str, int, int]] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, [(p.name, p.start, p.stop) for p in self.pieces], group=self.group)
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for pieces in gathered:
+            for name, start, stop in pieces or []:
+                ranges.setdefault(name, []).append((start, stop))
+        problems = [
+            f"{name} {problem}"
+            for name, shape in self.params
+            for problem in cover_problems(0, math.prod(shape), ranges.get(name, []))
+        ]
+        if problems:
             raise RuntimeError(
-                f"SEMA: {self.name}: the ranks hold {int(held.item())} elements of the {total} trainable ones; "
-                "the engine's sharding was not understood, refusing to average a wrong set of weights."
+                f"SEMA: {self.name}: the ranks' shards do not cover the trainable parameters exactly once "
+                f"({'; '.join(problems[:10])}); the engine's sharding was not understood, refusing to average a "
+                "wrong set of weights."
             )
 
     # ---- EngineAdapter ----------------------------------------------------------------------------------------
