@@ -575,6 +575,5 @@ def _entry_check_group(engine: EngineAdapter) -> Any | None:
     model's own forward is not (``shard_under_ddp``, ZeRO-1/2). Made at setup, when every rank is here."""
     if not _distributed() or not getattr(engine, "swap_is_collective", False):
         return None
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
+    # Its own group: a monitored barrier that times out closes its connections, which must not be the training's.
     return dist.new_group(backend="gloo")

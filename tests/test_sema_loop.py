@@ -14,7 +14,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from sema_hf import SEMA, SEMAConfig
 from sema_hf.checkpoint import STATE_NAME, shard_file_name
-from tests.tiny import tiny_model
+
+from tiny import tiny_model
 
 DIM = 8
 

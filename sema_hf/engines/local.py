@@ -2,6 +2,13 @@
 
 Under DDP every rank holds the same weights after each step (gradients are all-reduced), so every rank keeps the
 same full average and updates it with no communication.
+
+Buffers are another matter (``include_buffers=True``): each rank's forward updates its BatchNorm statistics with its
+own batch, so after a step the ranks' buffers differ (DDP broadcasts rank 0's at the start of the next forward).
+Averaging its own would give every rank another average, and after a switch every rank would evaluate with other
+statistics while only rank 0's were saved. So under several processes the buffers averaged are rank 0's: before
+each update one broadcast (of the buffers only, a few KB for BatchNorm) fills a scratch copy that every rank averages,
+and a switch writes the same average into every rank's buffers.
 """
 
 from __future__ import annotations
@@ -39,9 +46,42 @@ class LocalAdapter:
         self._named = averaged_named_tensors(self.model, include_buffers)
         if not self._named:
             raise ValueError("SEMA found no trainable parameter (requires_grad=True) to average in this model.")
+        # Under several processes: rank 0's buffers, copied into one scratch buffer per (device, dtype) and
+        # broadcast before every read (see the module docstring). name -> (buffer, its view of the scratch).
+        self._shared_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
+        if include_buffers and _world()[0] > 1:
+            buffer_ids = {id(b) for _, b in canonical_named_buffers(self.model)}
+            groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
+            for name, t in self._named:
+                if id(t) in buffer_ids:
+                    groups.setdefault((t.device, t.dtype), []).append((name, t))
+            for (device, dtype), members in groups.items():
+                flat = torch.empty(sum(t.numel() for _, t in members), dtype=dtype, device=device)
+                views, offset = [], 0
+                for name, t in members:
+                    views.append(flat[offset : offset + t.numel()].view(t.shape))
+                    self._shared_buffers[name] = (t, views[-1])
+                    offset += t.numel()
+                self._scratch.append((flat, [t for _, t in members], views))
 
     def slots(self) -> list[Slot]:
-        return [Slot(name, tensor.data) for name, tensor in self._named]
+        slots = []
+        for name, tensor in self._named:
+            if name in self._shared_buffers:
+                buffer, scratch = self._shared_buffers[name]
+                slots.append(Slot(name, scratch, compute=buffer))  # average rank 0's, write every rank's
+            else:
+                slots.append(Slot(name, tensor.data))
+        return slots
+
+    @torch.no_grad()
+    def before_read(self) -> None:
+        """Fill the scratch copies with rank 0's buffers (one broadcast per device and dtype; nothing without
+        buffers or in one process)."""
+        for flat, buffers, views in self._scratch:
+            torch._foreach_copy_(views, buffers)
+            torch.distributed.broadcast(flat, src=0)
 
     def after_write(self) -> None:
         """Nothing to refresh: the forward reads the parameters the store wrote."""
