@@ -38,6 +38,7 @@ from .config import SEMAConfig
 from .engines import EngineAdapter, detect_engine
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
+from .preemption import set_aside_incomplete_checkpoints
 from .resume import checkpoint_id, folder_to_restore
 from .settings import check_run_settings, describe_settings
 from .store import EMAStore
@@ -150,6 +151,11 @@ class SEMACallback(TrainerCallback, ExportableState):
         }
 
     # ---- Trainer hooks ----------------------------------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Inside Trainer.__init__, before train() resolves resume_from_checkpoint=True to the newest checkpoint-N:
+        # half-written checkpoints of a killed run are set aside here (`sema_hf.preemption`). Every rank gets here.
+        set_aside_incomplete_checkpoints(args)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._round.reset()
         self._reset_run_state()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .callback import SEMACallback
+from .preemption import prepare_resume
 
 
 class EMAFirstCheckpointMixin:
@@ -22,6 +23,15 @@ class EMAFirstCheckpointMixin:
     it written and does nothing."""
 
     sema_saves_ema_first = True
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Before the Trainer reads ``resume_from_checkpoint`` (`sema_hf.preemption`): ``True`` sets the checkpoints
+        a killed run left half-written aside, so the newest complete one is resumed; an incomplete PATH is refused
+        with an error naming the newest complete one."""
+        callbacks = self.callback_handler.callbacks  # type: ignore[attr-defined]
+        require_ema = any(isinstance(cb, SEMACallback) and not cb.config.allow_fresh_ema_on_resume for cb in callbacks)
+        prepare_resume(self.args, resume_from_checkpoint, require_ema=require_ema)  # type: ignore[attr-defined]
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         for callback in self.callback_handler.callbacks:
