@@ -20,10 +20,10 @@ import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from sema_hf import SEMACallback, SEMAConfig
 from sema_hf.evaluation import metric_keys
+from sema_hf.preemption import last_complete_checkpoint
 from sema_hf.settings import evaluates_at_every_switch_point
 
 logger = logging.getLogger(__name__)
@@ -341,10 +341,11 @@ def setup_logging(training_args: TrainingArguments, script_logger: logging.Logge
 
 
 def last_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` when training (resumed from, as the transformers examples do)."""
+    """The newest complete ``checkpoint-N`` in ``output_dir`` when training (resumed from, as the transformers examples
+    do; a half-written one left by a killed run is skipped, and set aside when the Trainer is made)."""
     if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
         return None
-    last = get_last_checkpoint(training_args.output_dir)
+    last = last_complete_checkpoint(training_args.output_dir, training_args.process_index, training_args.world_size)
     if last is not None and training_args.resume_from_checkpoint is None:
         logger.info(
             f"Resuming from {last} (model, optimizer and SEMA average). Use another --output_dir to start over."
