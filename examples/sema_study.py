@@ -655,26 +655,35 @@ def write_run(runs_dir: str, record: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def study_queue(names: Sequence[str], seeds: Sequence[int] | None) -> list[tuple[str, Variant, int]]:
-    """The runs of the pieces ``names`` (only ``seeds`` when given), seed-major: every seed of every piece before
-    the next seed, so that wherever a study stops, each variant has the same number of seeds. A run shared by two
-    pieces is queued once."""
+def study_queue(
+    names: Sequence[str], seeds: Sequence[int] | None, variants: Sequence[str] | None = None
+) -> list[tuple[str, Variant, int]]:
+    """The runs of the pieces ``names`` (only ``seeds`` and the variants whose `Variant.key` is in ``variants``, when
+    given), seed-major: every run of a seed before the next seed, so that wherever a study stops, each variant has
+    the same number of seeds. A run shared by two pieces is queued once."""
     queue, seen = [], set()
     pieces = [PIECES[name] for name in names]
     for seed in sorted({s for p in pieces for s in p.seeds}):
         for piece in pieces:
             for variant in piece.variants:
                 rid = run_id(piece.task, variant, seed)
-                if seed in piece.seeds and (seeds is None or seed in seeds) and rid not in seen:
+                wanted = (seeds is None or seed in seeds) and (variants is None or variant.key() in variants)
+                if seed in piece.seeds and wanted and rid not in seen:
                     seen.add(rid)
                     queue.append((piece.name, variant, seed))
     return queue
 
 
-def run_pieces(names: Sequence[str], output_dir: str, work_dir: str, seeds: Sequence[int] | None) -> None:
+def run_pieces(
+    names: Sequence[str],
+    output_dir: str,
+    work_dir: str,
+    seeds: Sequence[int] | None,
+    variants: Sequence[str] | None = None,
+) -> None:
     runs_dir = os.path.join(output_dir, "runs")
     started = time.perf_counter()
-    for name, variant, seed in study_queue(names, seeds):
+    for name, variant, seed in study_queue(names, seeds, variants):
         piece = PIECES[name]
         rid = run_id(piece.task, variant, seed)
         if os.path.isfile(run_path(runs_dir, rid)):
@@ -1071,6 +1080,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pieces", "--only", nargs="+", default=[], choices=list(PIECES), help="pieces to run")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="only these variants, by key (e.g. ema_h1 sema_h3; default: all)"
+    )
     parser.add_argument("--report", action="store_true", help="only regenerate tables and plots from the runs")
     parser.add_argument("--list", action="store_true", help="list the pieces and which runs are cached")
     parser.add_argument("--output_dir", default=os.path.join(EXAMPLES_DIR, "..", "docs", "evidence"))
@@ -1094,7 +1106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
-        run_pieces(args.pieces, output_dir, args.work_dir, args.seeds)
+        run_pieces(args.pieces, output_dir, args.work_dir, args.seeds, args.variants)
     return report(output_dir)
 
 
