@@ -24,8 +24,19 @@ from sharded_setup import tiny_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
-LAUNCHES = [("ddp", "ddp-sharded"), ("zero3",), ("fsdp2",)]
-ENGINES = {"ddp": "local", "ddp-sharded": "ddp-sharded", "zero3": "deepspeed-zero3", "fsdp2": "fsdp2"}
+LAUNCHES = [("ddp", "ddp-sharded"), ("zero2", "zero3"), ("fsdp1", "fsdp2")]
+ENGINES = {
+    "ddp": "local",
+    "ddp-sharded": "ddp-sharded",
+    "zero2": "deepspeed-zero2",
+    "zero3": "deepspeed-zero3",
+    "fsdp1": "fsdp1",
+    "fsdp2": "fsdp2",
+}
+# accelerate's FSDP1 optimizer state does not survive save_state -> load_state on CPU (the Adam state is empty
+# after load_state, with no error), so an FSDP1 run resumed here trains on differently; its EMA is restored
+# bit-exactly all the same (test_load_state_restores_every_ranks_average_bit_exactly).
+RESUMABLE = [engine for engine in ENGINES if engine != "fsdp1"]
 TOTAL = sum(p.numel() for p in tiny_gpt2().parameters())
 
 
@@ -82,6 +93,12 @@ def test_sharded_engines_hold_a_share_of_the_average(engine, runs):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_load_state_restores_every_ranks_average_bit_exactly(engine, runs):
+    for result in runs[engine]["ranks"]:
+        assert result["resumed_global_step"] == 6 and result["loaded_ema_diff"] == 0.0
+
+
+@pytest.mark.parametrize("engine", RESUMABLE)
 def test_load_state_on_two_ranks_resumes_bit_identically(engine, runs):
     for result in runs[engine]["ranks"]:
         assert result["resumed_global_step"] == 6

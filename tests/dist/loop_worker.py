@@ -1,8 +1,8 @@
 """2-rank worker: the tiny GPT-2 trained by a hand-written accelerate loop with `sema_hf.SEMA`, per engine.
 
 Usage: ``loop_worker.py OUT_DIR ENGINE [ENGINE...]`` with ENGINE one of ``ddp`` (gradient accumulation 2),
-``ddp-sharded`` (``shard_under_ddp``), ``zero3`` (DeepSpeed ZeRO-3 through accelerate's DeepSpeed plugin) and
-``fsdp2`` (accelerate's FSDP2 plugin, re-installed on CPU as `fsdp_shim` does for the Trainer). For each engine:
+``ddp-sharded`` (``shard_under_ddp``), ``zero2`` / ``zero3`` (DeepSpeed through accelerate's DeepSpeed plugin) and
+``fsdp1`` / ``fsdp2`` (accelerate's FSDP plugin, re-installed on CPU as `fsdp_shim` does for the Trainer). For each engine:
 12 optimizer steps (4 per epoch, a switch at every epoch end), ``accelerator.save_state`` at step 6, then a second
 accelerator, model and optimizer load that state and train steps 7-12 again.
 
@@ -44,26 +44,28 @@ ZERO3 = {
 def make_accelerator(engine: str) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    if engine == "zero3":
+    if engine in ("zero2", "zero3"):
         from accelerate.utils import DeepSpeedPlugin
 
         # As the Trainer does with use_cpu=True: a CPU process state first, then DeepSpeed by the environment
         # (Accelerator(cpu=True) would drop the DeepSpeed plugin).
         PartialState(cpu=True)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ZERO3))
-    if engine == "fsdp2":
+        zero = {**ZERO3, "zero_optimization": {**ZERO3["zero_optimization"], "stage": int(engine[-1])}}
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=zero))
+    if engine in ("fsdp1", "fsdp2"):
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         accelerator = Accelerator(cpu=True)
         # Test-only, as tests/dist/fsdp_shim.py: on CPU accelerate drops the FSDP plugin; put it back.
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
+            fsdp_version=int(engine[-1]),
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["GPT2Block"],
             state_dict_type="SHARDED_STATE_DICT",
             sync_module_states=False,
             cpu_ram_efficient_loading=False,
+            use_orig_params=True,  # FSDP1: the optimizer was made over the original parameters
         )
         for shared in (accelerator.state.__dict__, PartialState._shared_state):
             shared["distributed_type"] = DistributedType.FSDP
@@ -74,17 +76,19 @@ def make_accelerator(engine: str) -> Accelerator:
 
 def full_masters(engine: str, accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
     """The full fp32 weights the optimizer updates, gathered with the engine's own API (collective)."""
+    if engine == "zero2":  # fp32 training: every rank's parameters are the full fp32 weights
+        return {n: p.detach().float().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     if engine == "zero3":  # fp32 training: the gathered parameters are the fp32 masters
         import deepspeed
 
         params = list(accelerator.unwrap_model(model).named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
             return {n: p.detach().float().cpu().clone() for n, p in params}
-    if engine == "fsdp2":
+    if engine in ("fsdp1", "fsdp2"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        names = {n for n, p in model.named_parameters()}
+        names = {n for n, _ in tiny_gpt2().named_parameters()}  # the user's names (a tied weight once)
         return {n: t.detach().float().cpu().clone() for n, t in state.items() if n in names}
     return {n: p.detach().float().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
 
@@ -143,10 +147,10 @@ def train(engine, accelerator, model, optimizer, sema, batches, start, record=No
             )
         if save is not None and k + 1 == SAVE_AT:
             accelerator.save_state(save)
+            saved = sema.ema_state_dict()  # a collective under sharded engines: every rank
             if dist.get_rank() == 0:
-                save_file(sema.ema_state_dict(), os.path.join(os.path.dirname(save), "ema_step6.safetensors"))
-            else:
-                sema.ema_state_dict()  # a collective under sharded engines
+                save_file(saved, os.path.join(os.path.dirname(save), "ema_step6.safetensors"))
+    return saved if save is not None else None
 
 
 def run(out_dir: str, engine: str) -> None:
@@ -158,7 +162,9 @@ def run(out_dir: str, engine: str) -> None:
     accelerator, model, optimizer, sema = build(engine)
     trajectory = [full_masters(engine, accelerator, model)]
     gaps: list[float] = []
-    train(engine, accelerator, model, optimizer, sema, batches, 0, trajectory, gaps, os.path.join(folder, "ckpt6"))
+    saved = train(
+        engine, accelerator, model, optimizer, sema, batches, 0, trajectory, gaps, os.path.join(folder, "ckpt6")
+    )
     ema = sema.ema_state_dict()
     weights = full_masters(engine, accelerator, model)
     swaps = [w.pop("__swap_restored__").item() for w in trajectory if "__swap_restored__" in w]
@@ -180,6 +186,8 @@ def run(out_dir: str, engine: str) -> None:
     accelerator, model, optimizer, sema = build(engine)
     accelerator.load_state(os.path.join(folder, "ckpt6"))
     result["resumed_global_step"] = sema.global_step
+    loaded = sema.ema_state_dict()
+    result["loaded_ema_diff"] = max((loaded[n] - saved[n]).abs().max().item() for n in saved)
     train(engine, accelerator, model, optimizer, sema, batches, SAVE_AT)
     resumed_ema, resumed_weights = sema.ema_state_dict(), full_masters(engine, accelerator, model)
     result["resumed_ema_diff"] = max((resumed_ema[n] - ema[n]).abs().max().item() for n in ema)
@@ -188,7 +196,7 @@ def run(out_dir: str, engine: str) -> None:
     sema.remove_hooks()
     with open(os.path.join(folder, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    if engine == "zero3":
+    if engine.startswith("zero"):
         accelerator.free_memory()
 
 
