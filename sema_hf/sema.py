@@ -45,6 +45,7 @@ It knows no Trainer; `SEMACallback` is the Trainer's front-end to the same rules
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -137,6 +138,20 @@ class SEMA:
             f"steps), warmup {self.config.warmup} over {warmup_steps} steps, {self.store.local_numel} averaged "
             "elements on this rank"
         )
+
+    @classmethod
+    def from_engine(
+        cls, engine: EngineAdapter, config: SEMAConfig, resolved: ResolvedHorizon, warmup_steps: int
+    ) -> SEMA:
+        """The core for a front-end that found the engine and resolved the horizon and warmup itself (the
+        Trainer's callback, from `TrainingArguments`): no accelerator, no checks, no hooks."""
+        core = cls.__new__(cls)
+        core.config = config
+        core.accelerator = None
+        core.steps_per_epoch = resolved.steps_per_epoch
+        core._hooks = []
+        core._setup(engine, resolved, warmup_steps)
+        return core
 
     def _setup(self, engine: EngineAdapter, resolved: ResolvedHorizon, warmup_steps: int) -> None:
         """The run's state: engine, store, counters. Shared by both front-ends."""
@@ -388,19 +403,28 @@ class SEMA:
         return _rank0_decision(better)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def save(self, folder: str) -> None:
+    @property
+    def checkpoint_id(self) -> str:
+        """``"<run id>:<global step>"``: the identity of the EMA saved now (the callback records it in the Trainer's
+        state too, to prove on resume that the EMA belongs to the checkpoint; `sema_hf.resume`)."""
+        return f"{self.run_id}:{self.global_step}"
+
+    def save(self, folder: str, *, writer: bool | None = None) -> None:
         """Write this rank's average and the counters into ``folder`` (the callback's file format: one safetensors
-        file per shard and ``sema_state.json``). Every rank must call it; ``accelerator.save_state`` does."""
+        file per shard and ``sema_state.json``). Every rank must call it; ``accelerator.save_state`` does.
+        ``writer``: whether this process writes the files needed once (default: accelerate's main process, or each
+        node's first with ``save_on_each_node``; rank 0 without an accelerator)."""
         self._fresh_if_pending()
         meta = {
             "global_step": self.global_step,
-            "checkpoint_id": f"{self.run_id}:{self.global_step}",
-            "checkpoint_dir": folder,
+            "checkpoint_id": self.checkpoint_id,
+            "checkpoint_dir": os.path.abspath(folder),
             **self._counters(),
             "config": self.config.to_dict(),
         }
+        writer = self._writer() if writer is None else writer
         _save_ema_checkpoint(
-            folder, self.store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=self._writer()
+            folder, self.store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer
         )
 
     def load(self, folder: str) -> dict[str, Any]:
