@@ -121,7 +121,11 @@ class SEMA:
                 stacklevel=2,
             )
         engine = detect_engine(
-            model, optimizer, self.config.include_buffers, shard_under_ddp=self.config.shard_under_ddp
+            model,
+            optimizer,
+            self.config.include_buffers,
+            shard_under_ddp=self.config.shard_under_ddp,
+            buffers_from_rank0=True,  # the store below calls its before_read
         )
         self._setup(engine, resolved, warmup_steps)
         for message in horizon_warnings(self.config, resolved, max_steps or 0, warmup_steps):

@@ -25,15 +25,20 @@ __all__ = ["EngineAdapter", "Layout", "LocalAdapter", "Slot", "detect_engine", "
 
 
 def detect_engine(
-    model: nn.Module, optimizer: object | None = None, include_buffers: bool = False, *, shard_under_ddp: bool = False
+    model: nn.Module,
+    optimizer: object | None = None,
+    include_buffers: bool = False,
+    *,
+    shard_under_ddp: bool = False,
+    buffers_from_rank0: bool = False,
 ) -> EngineAdapter:
     """The adapter for this ``model`` / ``optimizer`` pair (accelerate's optimizer wrapper or the inner one).
 
     ``model`` is what the Trainer passes to callbacks: the FSDP-wrapped model under FSDP, the user's model under
     DeepSpeed and DDP. With ``shard_under_ddp`` and replicated parameters over more than one rank (DDP, ZeRO-0),
     the ranks share one average (`DDPShardedAdapter`); in one process, or under an engine that shards already, the
-    flag changes nothing. Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average
-    correctly.
+    flag changes nothing. ``buffers_from_rank0``: see `LocalAdapter` (for a store that calls ``before_read``).
+    Raises ``NotImplementedError`` naming the setup when it is one SEMA cannot average correctly.
     """
     sharded = None
     zero = next((o for o in _optimizer_chain(optimizer) if type(o).__module__.startswith("deepspeed.")), None)
@@ -75,7 +80,7 @@ def detect_engine(
                 "rank's copy may differ; average parameters only (include_buffers=False)."
             )
         return sharded
-    return LocalAdapter(model, include_buffers=include_buffers)
+    return LocalAdapter(model, include_buffers=include_buffers, buffers_from_rank0=buffers_from_rank0)
 
 
 def _world_size() -> int:

@@ -36,11 +36,18 @@ def averaged_named_tensors(model: nn.Module, include_buffers: bool) -> list[tupl
 
 
 class LocalAdapter:
-    """Adapter for one process and DDP: the slots are the parameters themselves, keyed by their names."""
+    """Adapter for one process and DDP: the slots are the parameters themselves, keyed by their names.
+
+    Args:
+        model: the model, or its DDP / compile wrapper.
+        include_buffers: also average floating buffers (BatchNorm statistics).
+        buffers_from_rank0: under several processes, average rank 0's buffers on every rank (see the module
+            docstring); the store must then call `before_read` before it reads the sources.
+    """
 
     name = "local"
 
-    def __init__(self, model: nn.Module, include_buffers: bool = False) -> None:
+    def __init__(self, model: nn.Module, include_buffers: bool = False, *, buffers_from_rank0: bool = False) -> None:
         self.model = unwrap_model(model)
         self.include_buffers = include_buffers
         self._named = averaged_named_tensors(self.model, include_buffers)
@@ -50,7 +57,9 @@ class LocalAdapter:
         # broadcast before every read (see the module docstring). name -> (buffer, its view of the scratch).
         self._shared_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
-        if include_buffers and _world()[0] > 1:
+        # Only for a store that calls `before_read` (``EMAStore(before_read=adapter.before_read)``): otherwise the
+        # scratch copies would never be filled.
+        if include_buffers and buffers_from_rank0 and _world()[0] > 1:
             buffer_ids = {id(b) for _, b in canonical_named_buffers(self.model)}
             groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, torch.Tensor]]] = {}
             for name, t in self._named:
