@@ -15,7 +15,12 @@ Parts, each recorded in the JSON (``bench/results/gpu_check.json`` by default) w
    checkpointing, each with SEMA and checked against the plain run (losses and the gathered average); plus
    ``shard_under_ddp``'s adapter over NCCL (one rank): update without host sync, switch and swap against a full copy.
 
-``--dry-run`` runs parts 2-4 on the CPU with tiny sizes (no sync check, host timers; FSDP through the tests'
+5. ``loop``: the hand-written ``accelerate`` loop with `sema_hf.SEMA` once on the GPU: ``mixed_precision="bf16"``,
+   gradient accumulation 2, a switch at every epoch end, an evaluation inside ``sema.swapped_in()`` (the raw weights
+   come back bit for bit), ``sema.step()`` run under the sync check, and ``accelerator.save_state`` at step 6 loaded
+   into a fresh Accelerator whose run ends on the same weights and average as the uninterrupted one.
+
+``--dry-run`` runs parts 2-5 on the CPU with tiny sizes (no sync check, host timers; FSDP through the tests'
 CPU shim), to check the script itself on a machine without a GPU. It proves nothing about GPUs.
 """
 
@@ -241,6 +246,77 @@ def part_trainer_bf16(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+# ---- part 5: the hand-written accelerate loop with sema_hf.SEMA ------------------------------------------------------
+def _loop_run(dry_run: bool, batches: list[torch.Tensor], workdir: Path, resume_from: str | None, save_at: int | None):
+    """12 optimizer steps of 2 micro-batches (4 per epoch) with SEMA; returns the final weights, the average and
+    what was checked on the way."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from sema_hf import SEMA
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=dry_run, mixed_precision="no" if dry_run else "bf16", gradient_accumulation_steps=2)
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sema = SEMA(model, optimizer, accelerator, decay=DECAY, warmup="none", steps_per_epoch=4)
+    start = 0
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        start = sema.global_step
+    checks = {"swap_restores_raw": True, "step_without_host_sync": True}
+    cuda = torch.cuda.is_available() and not dry_run
+    for k in range(start, STEPS):
+        for micro in (batches[k][:4], batches[k][4:]):
+            micro = micro.to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=micro, labels=micro).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            try:
+                with sync_errors(cuda):
+                    sema.step()
+            except RuntimeError:
+                checks["step_without_host_sync"] = False
+                raise
+        if (k + 1) % 4 == 0:
+            sema.epoch_end()
+            raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with sema.swapped_in(), torch.no_grad():
+                model(input_ids=batches[0].to(accelerator.device))
+            checks["swap_restores_raw"] &= all(torch.equal(raw[n], p) for n, p in model.named_parameters())
+        if save_at is not None and k + 1 == save_at:
+            accelerator.save_state(str(workdir / f"loop_step{save_at}"))
+    weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    ema = {n: t.float().cpu() for n, t in sema.ema_state_dict().items()}
+    counters = {"num_updates": sema.num_updates, "num_switches": sema.num_switches, "engine": sema.engine.name}
+    sema.remove_hooks()
+    return weights, ema, checks, counters
+
+
+def part_loop(args: argparse.Namespace, workdir: Path) -> dict:
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 97, (8, 1), generator=g) + torch.arange(32)) % 97 for _ in range(STEPS)]
+    weights, ema, checks, counters = _loop_run(args.dry_run, batches, workdir, None, save_at=6)
+    resumed_weights, resumed_ema, _, resumed_counters = _loop_run(
+        args.dry_run, batches, workdir, str(workdir / "loop_step6"), save_at=None
+    )
+    checks.update(
+        {
+            "updates": counters["num_updates"] == STEPS,
+            "switches": counters["num_switches"] == STEPS // 4,
+            "ema_fp32": all(t.dtype == torch.float32 for t in ema.values()),
+            "resume_same_weights": all(torch.equal(weights[n], resumed_weights[n]) for n in weights),
+            "resume_same_ema": all(torch.equal(ema[n], resumed_ema[n]) for n in ema),
+            "resume_same_counters": counters == resumed_counters,
+        }
+    )
+    return {"ok": all(checks.values()), **checks, **counters}
+
+
 # ---- part 4: engines at world size 1 (one torchrun process each) --------------------------------------------------------
 ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",
@@ -453,7 +529,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=450, help="skip remaining parts past this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script, not a GPU")
     parser.add_argument("--engine-timeout-s", type=float, default=150, help="limit for each engine's torchrun")
-    parser.add_argument("--parts", default="update_switch,no_host_sync,trainer_bf16,engines")
+    parser.add_argument("--parts", default="update_switch,no_host_sync,trainer_bf16,engines,loop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -489,6 +565,8 @@ def main() -> None:
             elif part == "engines":
                 result = part_engines(args, workdir, deadline)
                 result["ok"] = all(r.get("ok") for r in result.values())
+            elif part == "loop":
+                result = part_loop(args, workdir)
             else:
                 raise ValueError(f"unknown part {part!r}")
         except Exception as e:  # noqa: BLE001 - a failing part is recorded and the next one still runs

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of sema_hf (issue 12): the update/switch benchmark timed with CUDA events against the peers (fp32,
 # bf16), no host sync on the update path, a bf16 Trainer job, DeepSpeed ZeRO-3 ("auto" persistence threshold) and FSDP2
-# with activation checkpointing at world size 1 against a plain run, shard_under_ddp over NCCL. About 8 minutes at
+# with activation checkpointing at world size 1 against a plain run, shard_under_ddp over NCCL, and the hand-written
+# accelerate loop with sema_hf.SEMA (bf16, gradient accumulation, save_state/load_state resume). About 8 minutes at
 # most; writes bench/results/gpu_check.json (or $GPU_CHECK_OUT). See bench/gpu_check.py for the parts.
 #
 #   bash bench/gpu_check.sh              # on a CUDA machine; without CUDA it says so and exits 0

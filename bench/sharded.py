@@ -24,6 +24,15 @@ includes the one all-gather that makes the replicas identical again), the time t
 evaluation (ours: one all-gather in, a local copy out), and the transient buffers a switch and an evaluation need
 (from the buffer sizes the code allocates).
 
+Loop rows (``--engines zero3-loop``): ZeRO-3 as ``accelerate`` prepares it for a hand-written loop, the public
+`sema_hf.SEMA` object (``sema.step()``: the check that the optimizer really stepped, the decay, the shard-local
+update) against diffusers' ``EMAModel`` as its training scripts use it under ZeRO-3: the shadow cloned from the full
+model before ``accelerator.prepare``, then ``ema.step(model.parameters())`` after every optimizer step, which gathers
+the parameters (``deepspeed.zero.GatheredParameters``) one at a time (``foreach=False``, its default) or all at once
+(``foreach=True``). Reported per rank: EMA state, the transient memory an update needs (from the sizes the code
+allocates: the gathered parameters and diffusers' ``s - p`` and ``(1 - m) * (s - p)`` temporaries; not a profiler
+measurement), and the update time, in the same processes, round by round in rotating order.
+
 Run: ``python bench/sharded.py [--model gpt2-small] [--rounds 7] [--engines zero3,fsdp2,ddp] [--json out.json]``
 (relaunches itself on 2 CPU ranks with torchrun and gloo; or start it with ``torchrun --nproc_per_node 2`` yourself).
 """
@@ -245,6 +254,107 @@ def bench_ddp(model_name: str, rounds: int) -> list[dict]:
     return rows
 
 
+def bench_loop_zero3(model_name: str, rounds: int) -> list[dict]:
+    """ZeRO-3 prepared by accelerate: `sema_hf.SEMA` against diffusers' `EMAModel` (per-parameter and foreach)."""
+    import deepspeed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from sema_hf import SEMA
+
+    model = build_model(model_name)  # full weights, built before ZeRO-3 partitions them (as diffusers' scripts do)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    largest = max(p.numel() for p in params)
+    itemsize = params[0].element_size()
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    # accelerate drops DeepSpeed under Accelerator(cpu=True): set the CPU process group up first, as the Trainer does.
+    PartialState(cpu=True)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=True))
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    # Imported only now: diffusers.training_utils imports deepspeed (which EMAModel.step needs under ZeRO-3) only when
+    # ZeRO-3 is already enabled when it is first imported.
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=DECAY, use_ema_warmup=False)  # clones the full fp32 weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module, optimizer = accelerator.prepare(model, optimizer)
+    sema = SEMA(module, optimizer, accelerator, decay=DECAY, warmup="none")
+    assert sema.engine.name == "deepspeed-zero3", sema.engine.name
+
+    def diffusers_step(foreach: bool) -> None:
+        ema.foreach = foreach
+        ema.step(module.parameters())
+
+    methods = {
+        "sema_hf.SEMA": sema.step,
+        "diffusers EMAModel": lambda: diffusers_step(False),
+        "diffusers EMAModel(foreach=True)": lambda: diffusers_step(True),
+    }
+    # diffusers: per parameter, the gathered parameter plus its `s - p` and `(1 - m) * (s - p)` temporaries; with
+    # foreach, every parameter gathered at once plus the `s - p` list.
+    transient = {
+        "sema_hf.SEMA": 0,
+        "diffusers EMAModel": largest * (itemsize + 8),
+        "diffusers EMAModel(foreach=True)": total * (itemsize + 4),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            elapsed = timed(methods[name])
+            if r:
+                times[name].append(elapsed)
+    assert sema.num_updates == rounds + 1, sema.num_updates  # every sema.step() was an update
+    state = {"sema_hf.SEMA": sema.local_numel * 4}
+    state["diffusers EMAModel"] = state["diffusers EMAModel(foreach=True)"] = sum(
+        s.numel() * s.element_size() for s in ema.shadow_params
+    )
+    rows = []
+    for name, values in times.items():
+        ratios = [b / a for a, b in zip(times["sema_hf.SEMA"], values, strict=True)]
+        rows.append(
+            {
+                "engine": "zero3-loop",
+                "method": name,
+                "rank": dist.get_rank(),
+                "params": total,
+                "ema_bytes": state[name],
+                "transient_bytes": transient[name],
+                "median_ms": 1e3 * statistics.median(values),
+                "min_ms": 1e3 * min(values),
+                "max_ms": 1e3 * max(values),
+                "ratio_to_sema": statistics.median(ratios),
+            }
+        )
+    sema.remove_hooks()
+    return rows
+
+
+def print_loop_table(rows: list[dict], model: str, rounds: int) -> None:
+    mib = 2**20
+    print(
+        f"\nHand-written accelerate loop under ZeRO-3, {model} ({rows[0]['params'] / 1e6:.1f}M trainable), 2 ranks "
+        f"(gloo, CPU, 1 thread each), decay {DECAY}, {rounds} rounds, torch {torch.__version__}\n"
+    )
+    print("| EMA | rank | EMA state per rank | transient per update | update median (min-max) | / SEMA (paired) |")
+    print("|---|---|---|---|---|---:|")
+    order = ("sema_hf.SEMA", "diffusers EMAModel", "diffusers EMAModel(foreach=True)")
+    for row in sorted(rows, key=lambda r: (order.index(r["method"]), r["rank"])):
+        print(
+            f"| {row['method']} | {row['rank']} | {row['ema_bytes'] / mib:.1f} MiB | "
+            f"{row['transient_bytes'] / mib:.1f} MiB | {row['median_ms']:.1f} ms "
+            f"({row['min_ms']:.1f}-{row['max_ms']:.1f}) | {row['ratio_to_sema']:.1f}x |"
+        )
+
+
 def print_ddp_table(rows: list[dict], model: str, rounds: int) -> None:
     mib = 2**20
     print(
@@ -294,16 +404,23 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rows: list[dict] = []
     for kind in args.engines.split(","):
-        rows += bench_ddp(args.model, args.rounds) if kind == "ddp" else bench_engine(kind, args.model, args.rounds)
+        if kind == "ddp":
+            rows += bench_ddp(args.model, args.rounds)
+        elif kind == "zero3-loop":
+            rows += bench_loop_zero3(args.model, args.rounds)
+        else:
+            rows += bench_engine(kind, args.model, args.rounds)
     gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, rows)
     if dist.get_rank() == 0:
         every = [row for rank_rows in gathered for row in rank_rows]
-        sharded = [row for row in every if row["engine"] != "ddp"]
+        sharded = [row for row in every if row["engine"] in ("zero3", "fsdp2")]
         if sharded:
             print_table(sharded, args.model, args.rounds)
-        if len(sharded) < len(every):
+        if any(row["engine"] == "ddp" for row in every):
             print_ddp_table([row for row in every if row["engine"] == "ddp"], args.model, args.rounds)
+        if any(row["engine"] == "zero3-loop" for row in every):
+            print_loop_table([row for row in every if row["engine"] == "zero3-loop"], args.model, args.rounds)
         if args.json:
             Path(args.json).write_text(json.dumps(every, indent=2))
     dist.barrier()
@@ -324,7 +441,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--engines", default="zero3,fsdp2,ddp", help="comma-separated: zero3, fsdp2, ddp")
+    parser.add_argument("--engines", default="zero3,fsdp2,ddp", help="comma-separated: zero3, fsdp2, ddp, zero3-loop")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if "RANK" not in os.environ:
