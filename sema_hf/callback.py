@@ -7,12 +7,16 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
     on_train_begin     bind to the Trainer running train(), resolve the horizon, pick the engine adapter, allocate
                        the fp32 average (or restore the one saved with the resumed checkpoint), warn, log settings
     on_optimizer_step  remember whether the optimizer really stepped (fp16 overflow skips a step)
-    on_step_end        after global_step += 1: update / copy, step-counted switch point, swap the average in when
-                       DefaultFlowCallback (which runs before us) asked for an evaluation
-    on_epoch_end       epoch switch point (before the epoch-end evaluation and checkpoint, so both see the switch;
-                       after that evaluation when it must compare raw and EMA weights: "both", "if_better")
-    on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint), evaluate the
-                       average too ("both", "if_better"), run a deferred switch
+    on_step_end        after global_step += 1: update / copy, step-counted switch point, then, when
+                       DefaultFlowCallback (which runs before us) asked for an evaluation, begin the evaluation
+                       round (`evaluation.EvaluationRound`): swap the average in (evaluate_with="ema"), or measure
+                       the average with SEMA's own pass ("both", "if_better")
+    on_epoch_end       epoch switch point, then the same. A guarded switch point ("if_better", or "both" before an
+                       evaluation) measures the raw weights and the average with SEMA's own passes through the
+                       evaluation loop and decides there, before the Trainer's evaluation and checkpoint: so the
+                       Trainer's eval_* describe the weights the checkpoint holds (`evaluation` has the contract)
+    on_log             the Trainer's dict of this round gets the key of SEMA's metric_for_best_model names
+    on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint)
     on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
                        before the Trainer's own save, so that rotation and Hub uploads see it complete)
     on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it
@@ -20,6 +24,7 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 import warnings
@@ -39,7 +44,7 @@ from .engines import EngineAdapter, detect_engine
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
 from .preemption import set_aside_incomplete_checkpoints
-from .resume import checkpoint_id, folder_to_restore
+from .resume import CALLBACK_KEY, checkpoint_id, folder_to_restore
 from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
@@ -62,20 +67,39 @@ class SEMACallback(TrainerCallback, ExportableState):
             models only (one process or DDP).
         **overrides: any `SEMAConfig` field, e.g. ``SEMACallback(horizon_epochs=0.5, switch_every_epochs=2)``.
 
-    Metrics logged through the Trainer (so TensorBoard, W&B... see them): ``ema_decay`` (the decay of the last
+    Metrics logged through the Trainer (so TensorBoard, W&B... see them), each in SEMA's own log entry, never in
+    the dict ``evaluate()`` returns (`sema_hf.evaluation` has the contract): ``ema_decay`` (the decay of the last
     update, at each logging step), ``ema_switches`` (switches so far, at each switch), ``ema_switched`` (1 when a
     switch point copied the average in, 0 when ``switch_policy="if_better"`` kept the raw weights),
-    ``eval_uses_ema`` (1 when that evaluation's ``eval_*`` numbers are the average's, 0 when they are the raw
-    weights'), and ``eval_ema_*`` next to ``eval_*`` with ``evaluate_with="both"`` or ``switch_policy="if_better"``.
+    ``eval_uses_ema`` (before each evaluation of the Trainer's: 1 when its ``eval_*`` numbers are the average's,
+    0 when they are the raw weights'), and with ``evaluate_with="both"`` or ``switch_policy="if_better"``:
+    ``eval_ema_*`` (the average) before every evaluation and ``eval_raw_*`` (the raw weights before the decision) at
+    every switch point. Then ``eval_*`` are the numbers of the weights the model holds after the switch point's
+    decision, which the checkpoint saved next holds: what ``load_best_model_at_end``, ``EarlyStoppingCallback``
+    and a search objective rank.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SEMACallback:
+        # restore_callback_states_from_checkpoint=True: the Trainer rebuilds each stateful callback with
+        # type(callback)(**state["args"]) and drops the original. The user's object (with its landscape probe and
+        # binding) stays the one that trains: "rebuilding" it returns the object itself, untouched.
+        original = _callback_being_restored(cls)
+        if original is not None:
+            original._restored_by_trainer = True
+            return original
+        return super().__new__(cls)
 
     def __init__(
         self, config: SEMAConfig | None = None, *, landscape: LandscapeProbe | None = None, **overrides: Any
     ) -> None:
+        if getattr(self, "_restored_by_trainer", False):
+            self._restored_by_trainer = False  # the Trainer's rebuild of this very object: keep it as it is
+            return
         base = config if config is not None else SEMAConfig()
         self.config: SEMAConfig = base.replace(**overrides) if overrides else base
         self.landscape = landscape
         self._explicit_trainer: Trainer | None = None
+        self._handed_over: TrainerBinding | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -98,7 +122,10 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._stepped = False
         self._training = False
         self._round = evaluation.EvaluationRound()
-        self._pending_switch = False
+        # SEMA's measurements at a switch point (global step, eval_raw_* and eval_ema_*), for the evaluation the
+        # Trainer may run right after it.
+        self._measured: tuple[int | None, dict[str, float]] = (None, {})
+        self._sema_metric: str | None = None  # a key of SEMA's (eval_ema_*) that metric_for_best_model names
         self._steps_since_decision = 0
         self._saved_folder: str | None = None
 
@@ -107,6 +134,15 @@ class SEMACallback(TrainerCallback, ExportableState):
         """Bind the Trainer explicitly. It is otherwise found when ``train()`` starts; when both are known they must
         be the same Trainer."""
         self._explicit_trainer = trainer
+
+    def hand_over(self, binding: TrainerBinding | None) -> None:
+        """Called by `sema_hf.SEMATrainer`'s training loop before it starts (and with None after it): the Trainer,
+        resume folder, trial and ``ignore_keys_for_eval`` of this ``train()`` call, so nothing is guessed."""
+        self._handed_over = binding
+
+    def evaluation_failed(self) -> None:
+        """Called by `sema_hf.SEMATrainer` when ``evaluate()`` raised: put the raw weights back now."""
+        self._round.reset()
 
     @property
     def trainer(self) -> Trainer | None:
@@ -159,19 +195,19 @@ class SEMACallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._round.reset()
         self._reset_run_state()
-        self._binding = bind(self, self._explicit_trainer)
+        self._binding = bind(self, self._explicit_trainer, self._handed_over)
         self._args, self._trainer_state = args, state
         trainer = self._binding.trainer
         if trainer is None:
             logger.warning(
-                "SEMA could not identify the Trainer running it (no Trainer.train() on the call stack and no "
+                "SEMA could not identify the Trainer running it (no Trainer listing it on the call stack and no "
                 "set_trainer()): its metrics go to state.log_history only."
             )
-        loader = kwargs.get("train_dataloader")
-        steps_per_epoch = optimizer_steps_per_epoch(
-            len(loader) if loader is not None and has_length(loader) else None, args.gradient_accumulation_steps
-        )
+        else:
+            _refuse_a_second_sema_callback(trainer)
+        steps_per_epoch = _trainers_steps_per_epoch(trainer, kwargs.get("train_dataloader"), args)
         self._warmup_steps = check_run_settings(self.config, args, trainer, steps_per_epoch, state)
+        self._sema_metric = evaluation.sema_metric_named(args.metric_for_best_model)
         self.resolved = resolve_horizon(self.config, steps_per_epoch)
         self.engine = detect_engine(
             kwargs["model"],
@@ -192,6 +228,10 @@ class SEMACallback(TrainerCallback, ExportableState):
         )
         if state.global_step > 0:
             self._resume(args, state)
+            if isinstance(state.stateful_callbacks, dict):
+                # A checkpoint written without SEMA records no state of ours; the Trainer's next save updates the
+                # entry of every stateful callback and would fail on the missing one (KeyError).
+                state.stateful_callbacks.setdefault(CALLBACK_KEY, self.state())
             if schedule.epoch_end_skipped_by_resume(state.epoch, self._steps_since_decision):
                 self.on_epoch_end(args, state, control, **kwargs)  # saved before it: run that switch point now
         self._training = True
@@ -202,7 +242,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             describe_settings(self.config, self.resolved, self._warmup_steps, self.engine.name, self.store.local_numel)
         )
         if args.eval_on_start:
-            self._before_evaluation(control, force=True)
+            self._log(self._before_evaluation(control, force=True), state, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._round.reset()  # training never continues from swapped-in weights
@@ -224,8 +264,8 @@ class SEMACallback(TrainerCallback, ExportableState):
             step, self.config.switch_every_steps, self.config.update_after_step
         ):
             logs.update(self._switch_point(store, control, kwargs.get("model")))
+        logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
-        self._before_evaluation(control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         store = self._require_store()
@@ -238,25 +278,20 @@ class SEMACallback(TrainerCallback, ExportableState):
                 completed, self.config.switch_every_epochs, self.config.switch_start_epoch
             )
         ):
-            self._log(self._switch_point(store, control, kwargs.get("model")), state, control)
-        self._before_evaluation(control)
+            logs = self._switch_point(store, control, kwargs.get("model"))
+        else:
+            logs = {}
+        logs.update(self._before_evaluation(control))
+        self._log(logs, state, control)
+
+    def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
+        # Trainer.evaluate() logs its metrics dict (this very object) before any callback's on_evaluate: the key of
+        # SEMA's that metric_for_best_model names goes in here, so every on_evaluate sees it, in any callback order.
+        self._round.add_to_trainer_metrics(logs, self._sema_metric)
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs):
-        if not self._round.on_evaluate(metrics):
-            return  # more eval sets follow; or the user's evaluation, or our own pass over the average
-        uses_ema = self._round.uses_ema
-        logs = {"eval_uses_ema": float(uses_ema)}
-        if self._compares_weights():
-            ema_metrics = self._round.evaluate_average(self._binding.trainer, self._require_store().swapped_in)
-            if metrics is not None:
-                # The Trainer returns this very dict: merged, eval_ema_* can drive metric_for_best_model.
-                metrics.update(ema_metrics)
-        if metrics is not None:
-            metrics["eval_uses_ema"] = float(uses_ema)
-        if self._pending_switch:
-            self._pending_switch = False
-            logs.update(self._switch(self._require_store(), kwargs.get("model"), better=self._average_wins()))
-        self._log(logs, state, control)
+        self._round.add_to_trainer_metrics(metrics, self._sema_metric)  # a Trainer.log() that copied the dict
+        self._round.on_evaluate()  # after the last eval set: the raw weights are back before any checkpoint
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._round.swapped_in:
@@ -277,7 +312,16 @@ class SEMACallback(TrainerCallback, ExportableState):
             # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
             measured = "both" if self._compares_weights() else self.config.evaluate_with
             final = evaluation.weights_behind_best_metric(measured, args.metric_for_best_model)
-            if final == "ema":
+            if final == "ema" and not has_ema_checkpoint(state.best_model_checkpoint):
+                message = (
+                    f"SEMA: the best checkpoint {state.best_model_checkpoint} holds no EMA files (it was written "
+                    "without SEMA, e.g. before a resume with allow_fresh_ema_on_resume=True): the model keeps the "
+                    "weights the Trainer loaded from it."
+                )
+                logger.warning(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
+                final = "model"
+            elif final == "ema":
                 self.load_checkpoint(state.best_model_checkpoint)
         elif final == "ema" and self.config.switch_policy == "if_better":
             final = "ema" if self._final_average_wins() else "model"
@@ -359,18 +403,18 @@ class SEMACallback(TrainerCallback, ExportableState):
         return self.config.evaluate_with == "both" or self.config.switch_policy == "if_better"
 
     def _switch_point(self, store: EMAStore, control: TrainerControl, model: torch.nn.Module | None) -> dict:
-        """At a switch point: switch now, or after the evaluation the Trainer is about to run when that evaluation
-        must compare the raw weights with the average first."""
-        if self._compares_weights() and control.should_evaluate:
-            self._pending_switch = True
-            return {}
-        if self.config.switch_policy == "if_better":
-            raise RuntimeError(
-                f"SEMA(switch_policy='if_better') reached a switch point at step {self._trainer_state.global_step} "
-                "with no evaluation scheduled there; evaluate at every switch point (eval_strategy='epoch' for "
-                "epoch switches, eval_steps dividing switch_every_steps)."
-            )
-        return self._switch(store, model, better=True)
+        """At a switch point: switch now; a guarded one (``if_better``, or ``evaluate_with="both"`` before an
+        evaluation) first measures the raw weights and the average with SEMA's own passes and decides on them,
+        before the Trainer's evaluation and checkpoint, which then see the weights kept."""
+        if not (self.config.switch_policy == "if_better" or (self._compares_weights() and control.should_evaluate)):
+            return self._switch(store, model, better=True)
+        trainer = self._require_trainer()
+        ignore_keys = self._binding.ignore_keys_for_eval
+        measured = evaluation.evaluate_weights(trainer, evaluation.RAW_PREFIX, ignore_keys)
+        measured.update(evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, store.swapped_in))
+        better = self._average_wins(measured)
+        self._measured = (self._trainer_state.global_step if self._trainer_state is not None else None, measured)
+        return {**measured, **self._switch(store, model, better=better)}
 
     def _switch(self, store: EMAStore, model: torch.nn.Module | None, better: bool) -> dict[str, float]:
         logs: dict[str, float] = {}
@@ -386,35 +430,71 @@ class SEMACallback(TrainerCallback, ExportableState):
         logs.update({"ema_switches": float(self.num_switches), "ema_switched": float(better)})
         return logs
 
-    def _average_wins(self) -> bool:
-        """The switch decision after an evaluation of both weight sets: always True under switch_policy="always"."""
+    def _require_trainer(self) -> Trainer:
+        trainer = self._binding.trainer
+        if trainer is None:
+            raise RuntimeError("SEMA needs the Trainer to evaluate the average: call callback.set_trainer(trainer).")
+        return trainer
+
+    def _average_wins(self, measured: dict[str, float]) -> bool:
+        """The switch decision on SEMA's measurements of both weight sets (``eval_raw_*``, ``eval_ema_*``):
+        always True under switch_policy="always"."""
         if self.config.switch_policy != "if_better":
             return True
-        trainer = self._binding.trainer
-        assert trainer is not None
-        return self._round.average_wins(self._args, trainer.eval_dataset)
+        args = self._args
+        assert args is not None
+        raw_key, ema_key = evaluation.metric_keys(args.metric_for_best_model, self._require_trainer().eval_dataset)
+        missing = [k for k in (raw_key, ema_key) if k not in measured]
+        if missing:
+            raise KeyError(
+                f"SEMA(switch_policy='if_better') compares {raw_key} with {ema_key}, but the evaluation returned no "
+                f"{missing}; available: {sorted(measured)}. Set metric_for_best_model to one of them."
+            )
+        greater = bool(args.greater_is_better) if args.metric_for_best_model else False
+        return evaluation.average_is_better(measured[raw_key], measured[ema_key], greater)
 
     def _final_average_wins(self) -> bool:
-        """if_better at train end: reuse the last switch point's decision when no step followed it, else evaluate."""
+        """if_better at train end: reuse the last switch point's decision when no step followed it, else measure
+        both weight sets (SEMA's own passes: no evaluation is logged, no callback hears of it)."""
         if self._steps_since_decision == 0 and self.last_switch_decision is not None:
             return self.last_switch_decision
-        trainer = self._binding.trainer
-        assert trainer is not None
-        self._round.metrics = dict(trainer.evaluate())
-        self._round.evaluate_average(trainer, self._require_store().swapped_in)
-        return self._average_wins()
+        trainer = self._require_trainer()
+        ignore_keys = self._binding.ignore_keys_for_eval
+        measured = evaluation.evaluate_weights(trainer, evaluation.RAW_PREFIX, ignore_keys)
+        measured.update(
+            evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, self._require_store().swapped_in)
+        )
+        return self._average_wins(measured)
 
-    def _before_evaluation(self, control: TrainerControl, force: bool = False) -> None:
-        """When the Trainer is about to evaluate (no hook fires before evaluation itself): count its eval sets and
-        swap the average in if the evaluation is to read it."""
+    def _before_evaluation(self, control: TrainerControl, force: bool = False) -> dict[str, float]:
+        """When the Trainer is about to evaluate (no hook fires before evaluation itself): begin the round, with
+        the average swapped in if the evaluation is to read it, or SEMA's numbers measured first (``"both"``,
+        ``"if_better"``). Returns what to log: those numbers and ``eval_uses_ema``."""
         if not (control.should_evaluate or force) or not self._training:
-            return
+            return {}
         trainer = self._binding.trainer
-        reads_average = self.config.evaluate_with == "ema" and not self._compares_weights()
+        store = self._require_store()
+        step = self._trainer_state.global_step if self._trainer_state is not None else None
+        logs: dict[str, float] = {}
+        measured: dict[str, float] = {}
+        if self._compares_weights() and trainer is not None:
+            at, measured = self._measured
+            if at != step or not measured:  # no switch point measured both weight sets at this step
+                measured = evaluation.evaluate_weights(
+                    trainer, evaluation.EMA_PREFIX, self._binding.ignore_keys_for_eval, store.swapped_in
+                )
+                logs.update(measured)
+            uses_ema = at == step and bool(self.last_switch_decision) and self._steps_since_decision == 0
+        else:
+            uses_ema = self.config.evaluate_with == "ema"
+        self._measured = (None, {})
         self._round.begin(
             trainer.eval_dataset if trainer is not None else None,
-            self._require_store().swapped_in if reads_average else None,
+            store.swapped_in if uses_ema and not self._compares_weights() else None,
+            measured,
         )
+        logs["eval_uses_ema"] = float(uses_ema)
+        return logs
 
     def _log(self, logs: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
         if not logs:
@@ -444,6 +524,43 @@ class SEMACallback(TrainerCallback, ExportableState):
             return
         self.load_checkpoint(folder)
         logger.info(f"SEMA: restored the EMA from {folder} (step {state.global_step}, {self.num_switches} switches).")
+
+
+def _callback_being_restored(cls: type) -> SEMACallback | None:
+    """The callback the Trainer's ``_load_callback_state`` is rebuilding with ``cls(**args)`` right now (its frame
+    holds the original as ``callback``), or None for any other construction."""
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+        if caller is None:
+            return None
+        local = caller.f_locals
+        original = local.get("callback")
+        if isinstance(original, cls) and isinstance(local.get("self"), Trainer) and "callback_data" in local:
+            return original
+        return None
+    finally:
+        del frame
+
+
+def _refuse_a_second_sema_callback(trainer: Trainer) -> None:
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SEMACallback)]
+    if len(found) > 1:
+        raise RuntimeError(
+            f"This Trainer has {len(found)} SEMACallbacks; one Trainer takes one: they would write the same EMA "
+            "files into every checkpoint and switch the same weights. Keep one (trainer.remove_callback(...))."
+        )
+
+
+def _trainers_steps_per_epoch(trainer: Trainer | None, loader: Any, args: TrainingArguments) -> int | None:
+    """Optimizer steps per epoch as the Trainer counts them: under sequence parallelism (``sp_size > 1``) each
+    rank's loader yields 1/sp_size of the batches of a step, and the Trainer multiplies them back."""
+    batches = len(loader) if loader is not None and has_length(loader) else None
+    if batches is not None and trainer is not None:
+        get_sp_size = getattr(trainer, "get_sp_size", None)
+        sp_size = get_sp_size() if callable(get_sp_size) else 1
+        batches *= sp_size if isinstance(sp_size, int) and sp_size > 1 else 1
+    return optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps)
 
 
 def _barrier() -> None:

@@ -1,11 +1,12 @@
-"""Hub export: model cards that say the weights are a Switch EMA average.
+"""Hub export: model cards that say what the saved weights are (the Switch EMA average, or the raw weights kept).
 
 `Trainer.create_model_card` (which `Trainer.push_to_hub` calls right before uploading ``output_dir``) rewrites
 ``README.md`` from scratch, keeping only the YAML tags of an existing card. So the SEMA section is added *after* it:
 
 - `add_sema_to_model_card(output_dir, config, ...)` adds the tags ``sema`` and ``switch-ema`` to the card's YAML and
-  appends (or replaces, when run again) a "Switch EMA" section: the settings, the paper, what the weights are, and the
-  evaluation metrics of the averaged model.
+  appends (or replaces, when run again) a "Switch EMA" section: the settings, the paper, what the weights are (the
+  average, or the raw weights when ``if_better``, ``load_best_model_at_end`` or ``final_weights="model"`` kept them:
+  ``callback.final_weights_held``), and the evaluation metrics of those weights (`metrics_of_saved_weights`).
 - `SEMAModelCardMixin` overrides ``create_model_card`` to do that whenever the Trainer writes a card, so
   ``trainer.push_to_hub()`` uploads a folder whose card carries the section::
 
@@ -29,7 +30,7 @@ from transformers import Trainer
 from .callback import SEMACallback
 from .config import SEMAConfig
 from .horizon import horizon_of_decay
-from .trainer import EMAFirstCheckpointMixin
+from .trainer import EMAFirstCheckpointMixin, HandOverBindingMixin, RawWeightsOnErrorMixin
 
 SEMA_TAGS = ("sema", "switch-ema")
 PAPER_ARXIV_ID = "2402.09240"
@@ -61,17 +62,30 @@ def sema_model_card_section(
     averaged_numel: int | None = None,
     model_numel: int | None = None,
     resolved_decay: float | None = None,
+    final_weights_held: str | None = None,
+    kept_because: str | None = None,
 ) -> str:
     """The Markdown section (between ``SECTION_BEGIN`` and ``SECTION_END``) describing a SEMA model.
 
     Args:
         config: the settings the average was trained with.
-        metrics: evaluation metrics of the averaged weights (``eval_loss``, ``perplexity``...).
+        metrics: evaluation metrics of the saved weights (``eval_loss``, ``perplexity``...).
         num_updates, num_switches: counts from the callback, when known.
         averaged_numel, model_numel: elements averaged (trainable ones) and in the whole model, when known.
         resolved_decay: the per-step decay the run used (``callback.decay``), when the config gave a horizon.
+        final_weights_held: which weights the saved model holds (``callback.final_weights_held``): ``"ema"`` the
+            average, ``"model"`` the raw training weights; None: as ``config.final_weights`` says.
+        kept_because: why the raw weights were kept (``"model"``), in a few words.
     """
-    if config.switch:
+    held = final_weights_held or ("ema" if config.final_weights == "ema" else "model")
+    if held == "model":
+        what = (
+            "These are the raw training weights, not their exponential moving average (EMA): "
+            + (kept_because or "`final_weights='model'`")
+            + f". The run kept an EMA alongside ([Switch EMA]({PAPER_URL}), SEMA; Li et al., 2024)"
+            + (", copying it into the model at the switch points where it was better." if config.switch else ".")
+        )
+    elif config.switch:
         what = (
             f"These weights are the exponential moving average (EMA) of the training weights, kept with "
             f"[Switch EMA]({PAPER_URL}) (SEMA; Li et al., 2024): after each optimizer step the fp32 average follows "
@@ -82,8 +96,6 @@ def sema_model_card_section(
             "These weights are a plain exponential moving average (EMA) of the training weights (evaluated, never "
             f"switched into the model; the no-switch baseline of [Switch EMA]({PAPER_URL}))."
         )
-    if config.final_weights != "ema":
-        what += " Note: `final_weights='model'`, so the saved weights are the raw training weights, not the average."
     lines = [SECTION_BEGIN, "## Switch EMA (SEMA)", "", what, "", "| setting | value |", "|---|---|"]
     lines += [f"| `{name}` | `{value}` |" for name, value in config.to_dict().items()]
     if resolved_decay is not None:
@@ -105,11 +117,12 @@ def sema_model_card_section(
         lines += ["", "Training: " + ", ".join(counts) + "."]
     shown = _quality_metrics(metrics or {})
     if shown:
-        lines += ["", "Evaluation of these weights:", "", "| metric | value |", "|---|---|"]
+        lines += ["", "Evaluation of these weights (the saved ones):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {_format(value)} |" for name, value in shown.items()]
     lines += [
         "",
-        "Trained with [sema-hf](https://pypi.org/project/sema-hf/) (`SEMACallback` for the transformers `Trainer`).",
+        "Trained with sema-hf (`SEMACallback` for the transformers `Trainer`), an implementation of "
+        f"[Switch EMA]({PAPER_URL}).",
         "",
         "```bibtex",
         CITATION,
@@ -182,6 +195,57 @@ def last_eval_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
+def _trainer_eval_keys(entry: Mapping[str, Any]) -> dict[str, float]:
+    """The Trainer's own ``eval_*`` numbers of a log entry (not SEMA's ``eval_ema_*``, ``eval_raw_*``,
+    ``eval_uses_ema``)."""
+    return {
+        k: v
+        for k, v in entry.items()
+        if k.startswith("eval_") and not k.startswith(("eval_ema_", "eval_raw_")) and k != "eval_uses_ema"
+    }
+
+
+def metrics_of_saved_weights(
+    log_history: list[dict[str, Any]],
+    final_weights_held: str | None,
+    config: SEMAConfig,
+    step: int | None = None,
+) -> dict[str, float]:
+    """The last evaluation's numbers of the weights the model holds after training (``eval_*`` keys), at ``step``
+    when given (the best checkpoint's, after ``load_best_model_at_end``); empty when no evaluation measured them.
+
+    ``eval_*`` are the average's with ``evaluate_with="ema"``; the weights held after each switch point's decision
+    with ``"both"`` / ``if_better``, where ``eval_ema_*`` are the average's; the raw weights' with ``"model"``.
+    """
+    compares = config.evaluate_with == "both" or config.switch_policy == "if_better"
+    held = final_weights_held or config.final_weights
+    entries = [e for e in log_history if step is None or e.get("step") == step]
+    if held == "ema" and compares:
+        for entry in reversed(entries):
+            ema = {"eval_" + k[len("eval_ema_") :]: v for k, v in entry.items() if k.startswith("eval_ema_")}
+            if ema:
+                return ema
+        return {}
+    if (held == "ema") != (config.evaluate_with == "ema" and not compares):
+        return {}  # the evaluations measured the other weights
+    for entry in reversed(entries):
+        plain = _trainer_eval_keys(entry)
+        if plain:
+            return plain
+    return {}
+
+
+def _kept_because(callback: SEMACallback, args: Any, state: Any) -> str:
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        return (
+            f"`load_best_model_at_end` ended on the best checkpoint's weights ({state.best_model_checkpoint}, "
+            f"`{args.metric_for_best_model}` = {state.best_metric})"
+        )
+    if callback.config.final_weights != "ema":
+        return "`final_weights='model'`"
+    return "`switch_policy='if_better'` kept them, as the average did not evaluate better at the end of training"
+
+
 def find_sema_callback(trainer: Trainer) -> SEMACallback | None:
     """The `SEMACallback` among ``trainer``'s callbacks, if any."""
     return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SEMACallback)), None)
@@ -191,9 +255,10 @@ class SEMAModelCardMixin:
     """Mix into a `transformers.Trainer` so every model card it writes carries the SEMA tags and section.
 
     ``create_model_card`` (and so ``push_to_hub``, which forwards its extra keyword arguments to it) also accepts
-    ``sema_metrics``: the evaluation metrics of the averaged model to show; by default those of the last evaluation
-    in ``state.log_history`` (after training with ``final_weights='ema'``, ``trainer.evaluate()`` evaluates the
-    average). Without a `SEMACallback` among the callbacks the card is the Trainer's own.
+    ``sema_metrics``: the evaluation metrics of the saved model to show; by default those of the last evaluation in
+    ``state.log_history`` that measured the weights the model holds (`metrics_of_saved_weights`; the best
+    checkpoint's evaluation after ``load_best_model_at_end``). Without a `SEMACallback` among the callbacks the card
+    is the Trainer's own.
     """
 
     def create_model_card(self, *args: Any, sema_metrics: Mapping[str, float] | None = None, **kwargs: Any) -> None:
@@ -208,7 +273,13 @@ class SEMAModelCardMixin:
         fix_empty_base_model_link(self.args.output_dir)  # type: ignore[attr-defined]
         if callback is None:
             return
-        metrics = dict(sema_metrics) if sema_metrics is not None else last_eval_metrics(self.state.log_history)  # type: ignore[attr-defined]
+        args, state = self.args, self.state  # type: ignore[attr-defined]
+        held = callback.final_weights_held
+        best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
+        if sema_metrics is not None:
+            metrics = dict(sema_metrics)
+        else:
+            metrics = metrics_of_saved_weights(state.log_history, held, callback.config, best_step)
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
         add_sema_to_model_card(
             self.args.output_dir,  # type: ignore[attr-defined]
@@ -219,13 +290,16 @@ class SEMAModelCardMixin:
             averaged_numel=_numel(model, trainable_only=True) or None,
             model_numel=_numel(model, trainable_only=False) or None,
             resolved_decay=callback.decay if callback.store is not None else None,
+            final_weights_held=held,
+            kept_because=_kept_because(callback, args, state) if held == "model" else None,
         )
 
 
-class SEMATrainer(SEMAModelCardMixin, EMAFirstCheckpointMixin, Trainer):
-    """A `transformers.Trainer` whose model cards (``create_model_card``, ``push_to_hub``) describe the SEMA model,
-    and whose checkpoints get their EMA files before the Trainer's own save, upload and rotation
-    (`sema_hf.trainer.EMAFirstCheckpointMixin`).
+class SEMATrainer(SEMAModelCardMixin, EMAFirstCheckpointMixin, HandOverBindingMixin, RawWeightsOnErrorMixin, Trainer):
+    """A `transformers.Trainer` whose model cards (``create_model_card``, ``push_to_hub``) describe the saved
+    model (the average, or the raw weights when they were kept), whose checkpoints get their EMA files before the
+    Trainer's own save, upload and rotation, whose training loop hands its binding to the callback, and whose
+    ``evaluate()`` puts the raw weights back when it raises (`sema_hf.trainer`).
 
     It does no averaging itself: pass ``callbacks=[SEMACallback(...)]`` as usual.
     """

@@ -92,10 +92,9 @@ def epoch_end_skipped_by_resume(state_epoch: float | None, steps_since_decision:
     return completed_epochs_at_epoch_end(state_epoch) is not None and steps_since_decision > 0
 
 
-def resolve_warmup_steps(warmup_steps: int | None, max_steps: int, num_train_epochs: int | float) -> int:
-    """``warmup_steps`` when given, else one epoch of optimizer steps: ``ceil(max_steps / num_train_epochs)``."""
+def resolve_warmup_steps(warmup_steps: int | None, steps_per_epoch: int | None) -> int:
+    """``warmup_steps`` when given, else one epoch: the Trainer's optimizer steps per epoch (also with
+    ``max_steps``, which sets the run's length, not the epoch's); 0 when neither is known."""
     if warmup_steps is not None:
         return warmup_steps
-    if max_steps <= 0 or not num_train_epochs:
-        return 0
-    return max(1, math.ceil(max_steps / max(1.0, float(num_train_epochs))))
+    return max(1, steps_per_epoch) if steps_per_epoch else 0

@@ -5,8 +5,15 @@ Refused at train start, with the reason (each would otherwise silently do the wr
 * an epoch-length dependent setting on data without a length (``IterableDataset``): the default decay warmup
   (one epoch), epoch switching (the Trainer's ``state.epoch`` is fractional, so no epoch end would ever switch)
   and ``horizon_epochs``;
-* ``evaluate_with="both"`` or ``switch_policy="if_better"`` without an identifiable Trainer (the second evaluation
-  runs through it), and ``if_better`` without an eval set or an evaluation at every switch point.
+* ``evaluate_with="both"`` or ``switch_policy="if_better"`` without an identifiable Trainer (SEMA's passes over
+  the weights run through its evaluation loop), and ``if_better`` without an eval set or without an evaluation by
+  the Trainer at every switch point (``eval_strategy``, ``eval_steps``, also as a ratio of the run, and
+  ``eval_delay``, which skips the evaluations before it);
+* a ``metric_for_best_model`` naming a key of SEMA's (``eval_ema_*``, ``eval_raw_*``) that this run never
+  measures, and ``eval_raw_*`` with ``load_best_model_at_end`` (the raw weights before a switch point's decision,
+  which a checkpoint saved after a switch no longer holds).
+
+The default decay warmup is one epoch: the Trainer's optimizer steps per epoch, with or without ``max_steps``.
 """
 
 from __future__ import annotations
@@ -43,14 +50,15 @@ def check_run_settings(
             )
         warmup_steps = config.warmup_steps or 0
     else:
-        warmup_steps = schedule.resolve_warmup_steps(config.warmup_steps, state.max_steps, state.num_train_epochs)
+        warmup_steps = schedule.resolve_warmup_steps(config.warmup_steps, steps_per_epoch)
     if (config.evaluate_with == "both" or config.switch_policy == "if_better") and trainer is None:
         raise RuntimeError(
             f"SEMACallback(evaluate_with={config.evaluate_with!r}, switch_policy={config.switch_policy!r}) needs the "
             "Trainer to run the evaluation of the average: call callback.set_trainer(trainer) before trainer.train()."
         )
     if config.switch_policy == "if_better":
-        _check_if_better(config, args, trainer, steps_per_epoch)
+        _check_if_better(config, args, trainer, steps_per_epoch, state)
+    _check_metric_for_best_model(config, args)
     hub_strategy = _option(args.hub_strategy)
     if args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
         if not getattr(trainer, "sema_saves_ema_first", False):
@@ -72,19 +80,68 @@ def _option(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-def evaluates_at_every_switch_point(config: SEMAConfig, args: TrainingArguments) -> bool:
+def evaluates_at_every_switch_point(
+    config: SEMAConfig, args: TrainingArguments, state: TrainerState | None = None
+) -> bool:
     """Whether the Trainer's evaluation schedule lands on every switch point, as ``switch_policy="if_better"``
     needs: ``eval_strategy="epoch"`` for epoch switches, ``"steps"`` with ``eval_steps`` dividing
-    ``switch_every_steps`` for step switches. (Whether there is an eval set is the caller's to check.)"""
+    ``switch_every_steps`` for step switches (a ratio ``eval_steps < 1`` as the Trainer resolves it,
+    ``state.eval_steps``, when ``state`` is given), and no ``eval_delay`` past the first switch point. (Whether
+    there is an eval set is the caller's to check.)"""
     strategy = _option(args.eval_strategy)
+    delay = args.eval_delay or 0
     if config.switch_every_steps is None:
-        return strategy == "epoch"
-    eval_steps = args.eval_steps
-    return strategy == "steps" and isinstance(eval_steps, int) and config.switch_every_steps % eval_steps == 0
+        return strategy == "epoch" and delay <= first_epoch_switch(config)
+    eval_steps = state.eval_steps if state is not None and state.eval_steps else args.eval_steps
+    if isinstance(eval_steps, float) and eval_steps.is_integer():
+        eval_steps = int(eval_steps)
+    return (
+        strategy == "steps"
+        and isinstance(eval_steps, int)
+        and eval_steps > 0
+        and config.switch_every_steps % eval_steps == 0
+        and delay <= first_step_switch(config)
+    )
+
+
+def first_epoch_switch(config: SEMAConfig) -> int:
+    """The number of completed epochs at the first epoch switch point."""
+    every = config.switch_every_epochs
+    return (config.switch_start_epoch // every + 1) * every
+
+
+def first_step_switch(config: SEMAConfig) -> int:
+    """The optimizer step of the first step-counted switch point."""
+    every = config.switch_every_steps or 1
+    return (config.update_after_step // every + 1) * every
+
+
+def _check_metric_for_best_model(config: SEMAConfig, args: TrainingArguments) -> None:
+    named = evaluation.sema_metric_named(args.metric_for_best_model)
+    if named is None:
+        return
+    if not (config.evaluate_with == "both" or config.switch_policy == "if_better"):
+        raise ValueError(
+            f"metric_for_best_model = {args.metric_for_best_model!r} names a number SEMA measures only with "
+            f"evaluate_with='both' or switch_policy='if_better' (here evaluate_with={config.evaluate_with!r}, "
+            f"switch_policy={config.switch_policy!r}). With evaluate_with='ema' the Trainer's eval_* numbers are "
+            "already the average's: use the plain name (e.g. 'eval_loss')."
+        )
+    if named.startswith(evaluation.RAW_PREFIX + "_") and args.load_best_model_at_end:
+        raise ValueError(
+            f"metric_for_best_model = {args.metric_for_best_model!r} measures the raw weights before a switch "
+            "point's decision, which a checkpoint saved after a switch no longer holds, so load_best_model_at_end "
+            "could not end on the weights that scored best. Use the plain name (the weights each checkpoint holds) "
+            "or the eval_ema_ one (the average each checkpoint holds)."
+        )
 
 
 def _check_if_better(
-    config: SEMAConfig, args: TrainingArguments, trainer: Trainer | None, steps_per_epoch: int | None
+    config: SEMAConfig,
+    args: TrainingArguments,
+    trainer: Trainer | None,
+    steps_per_epoch: int | None,
+    state: TrainerState | None = None,
 ) -> None:
     assert trainer is not None
     if trainer.eval_dataset is None:
@@ -92,14 +149,17 @@ def _check_if_better(
     evaluation.metric_keys(args.metric_for_best_model, trainer.eval_dataset)  # raises for an ambiguous dict
     if not config.switch:
         return
-    if not evaluates_at_every_switch_point(config, args):
+    if not evaluates_at_every_switch_point(config, args, state):
         strategy = _option(args.eval_strategy)
         interval = switch_interval_steps(config, steps_per_epoch)
+        eval_steps = state.eval_steps if state is not None and state.eval_steps else args.eval_steps
+        delay = f", eval_delay={args.eval_delay}" if args.eval_delay else ""
         raise ValueError(
-            f"SEMA(switch_policy='if_better') decides each switch on an evaluation of both weight sets, but "
-            f"eval_strategy={strategy!r} (eval_steps={args.eval_steps}) does not evaluate at every switch point "
-            f"(every {interval} optimizer steps): use eval_strategy='epoch' for epoch switches, or eval_steps "
-            "dividing switch_every_steps."
+            f"SEMA(switch_policy='if_better') decides each switch on an evaluation of both weight sets, and the "
+            f"Trainer's evaluation right after it must see the weights kept, but eval_strategy={strategy!r} "
+            f"(eval_steps={eval_steps}{delay}) does not evaluate at every switch point (every {interval} optimizer "
+            "steps): use eval_strategy='epoch' for epoch switches, or eval_steps dividing switch_every_steps, and "
+            "no eval_delay past the first switch point."
         )
 
 

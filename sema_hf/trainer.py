@@ -1,20 +1,32 @@
-"""`EMAFirstCheckpointMixin`: the Trainer writes a checkpoint's EMA files before its own save, so that nothing that
-follows the save inside `Trainer._save_checkpoint` (the upload of ``hub_strategy="checkpoint"`` /
-``"all_checkpoints"``, the rotation of ``save_total_limit``) ever sees a checkpoint without its average. It also
-covers the checkpoints that fire no ``on_save`` (transformers' just-in-time checkpoint on SIGTERM calls
-``_save_checkpoint`` directly).
+"""What `sema_hf.SEMATrainer` adds to a `transformers.Trainer` for `SEMACallback`, as mixins (each usable alone):
 
-With a plain `transformers.Trainer` the callback can only write them in ``on_save``, after that upload started;
-a crash between the two saves leaves a newest checkpoint without EMA, and resuming from it is refused with an
-error that says so (`sema_hf.resume`). `sema_hf.SEMATrainer` (in `sema_hf.hub`) includes this mixin.
+* `EMAFirstCheckpointMixin`: the Trainer writes a checkpoint's EMA files before its own save, so that nothing that
+  follows the save inside `Trainer._save_checkpoint` (the upload of ``hub_strategy="checkpoint"`` /
+  ``"all_checkpoints"``, the rotation of ``save_total_limit``) ever sees a checkpoint without its average. It also
+  covers the checkpoints that fire no ``on_save`` (transformers' just-in-time checkpoint on SIGTERM calls
+  ``_save_checkpoint`` directly). With a plain `transformers.Trainer` the callback can only write them in
+  ``on_save``, after that upload started; a crash between the two saves leaves a newest checkpoint without EMA, and
+  resuming from it is refused with an error that says so (`sema_hf.resume`).
+* `HandOverBindingMixin`: the training loop hands its Trainer, resume folder, trial and ``ignore_keys_for_eval`` to
+  the callback explicitly (`sema_hf.binding`), instead of the callback finding them on the call stack.
+* `RawWeightsOnErrorMixin`: an exception inside ``evaluate()`` (a failing ``compute_metrics``, a KeyboardInterrupt
+  in a notebook) while the average is swapped in for the evaluation puts the raw weights back before it propagates.
+  The plain callback cannot see that exception (no hook fires on it); its own passes over the average are always
+  undone on the way out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+from .binding import TrainerBinding
 from .callback import SEMACallback
 from .preemption import prepare_resume
+
+
+def _sema_callbacks(trainer: Any) -> Iterator[SEMACallback]:
+    return (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SEMACallback))
 
 
 class EMAFirstCheckpointMixin:
@@ -34,7 +46,55 @@ class EMAFirstCheckpointMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, SEMACallback) and callback.store is not None and callback.trainer is self:
+        for callback in _sema_callbacks(self):
+            if callback.store is not None and callback.trainer is self:
                 callback.save_checkpoint_before_trainer(self._get_output_dir(trial=trial), self.state.global_step)
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+
+
+class HandOverBindingMixin:
+    """The training loop tells its `SEMACallback` which Trainer runs it and with what (resume folder, trial,
+    ``ignore_keys_for_eval``), whatever sits between ``train()`` and the loop."""
+
+    def _inner_training_loop(
+        self,
+        batch_size: int | None = None,
+        args: Any = None,
+        resume_from_checkpoint: str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        binding = TrainerBinding(
+            self,  # type: ignore[arg-type]
+            resume_from_checkpoint=resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            handed_over=True,
+        )
+        for callback in _sema_callbacks(self):
+            callback.hand_over(binding)
+        try:
+            return super()._inner_training_loop(  # type: ignore[misc]
+                batch_size=batch_size,
+                args=args,
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:
+            for callback in _sema_callbacks(self):
+                callback.hand_over(None)
+
+
+class RawWeightsOnErrorMixin:
+    """An exception inside ``evaluate()`` leaves the model holding its raw weights."""
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        try:
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            for callback in _sema_callbacks(self):
+                callback.evaluation_failed()
+            raise

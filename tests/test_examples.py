@@ -319,7 +319,7 @@ def test_if_better_decides_on_the_held_out_digits_and_the_test_digits_are_report
     points = _switch_points(out)
     assert all("eval_test_loss" in at and "eval_ema_test_loss" in at for at in points)
     decisions = [at["ema_switched"] for at in points]
-    expected = [float(at["eval_ema_validation_loss"] < at["eval_validation_loss"]) for at in points]
+    expected = [float(at["eval_ema_validation_loss"] < at["eval_raw_validation_loss"]) for at in points]
     assert decisions == expected and len(decisions) == 2
     assert callback.num_switches == sum(decisions)
 
@@ -518,7 +518,7 @@ def test_run_clm_by_default_copies_the_average_in_only_when_it_evaluates_better(
     assert callback.config.switch_policy == "if_better"
     points = _switch_points(out)
     decisions = [at["ema_switched"] for at in points]
-    expected = [float(at["eval_ema_loss"] < at["eval_loss"]) for at in points]
+    expected = [float(at["eval_ema_loss"] < at["eval_raw_loss"]) for at in points]
     assert decisions == expected and len(decisions) == 2 and callback.num_switches == sum(decisions)
     # The run ends at the last switch point: the saved model is what its decision chose.
     assert callback.final_weights_held == ("ema" if decisions[-1] else "model")
@@ -557,7 +557,7 @@ def _assert_guarded_switch_decided_every_epoch(out: str) -> None:
     """The examples' default (if_better) under several ranks: one decision per epoch, on both evaluations."""
     points = _switch_points(out)
     for at in points:
-        assert at["ema_switched"] == float(at["eval_ema_loss"] < at["eval_loss"])
+        assert at["ema_switched"] == float(at["eval_ema_loss"] < at["eval_raw_loss"])
     assert len(points) == 2
 
 

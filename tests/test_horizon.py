@@ -159,7 +159,7 @@ def _pull_run(tmp_path, start, train_x, **sema_kwargs):
     )
     trainer.train()
     history = trainer.state.log_history
-    raw = [h["eval_loss"] for h in history if "eval_loss" in h]
+    raw = [h["eval_raw_loss"] for h in history if "eval_raw_loss" in h]
     ema = [h["eval_ema_loss"] for h in history if "eval_ema_loss" in h]
     switched = [h["ema_switched"] for h in history if "ema_switched" in h]
     return sema, trainer, raw, ema, switched
@@ -226,7 +226,7 @@ def test_guarded_switch_with_a_tiny_model_logs_both_numbers_and_the_decision(tmp
     trainer = tiny_trainer(str(tmp_path), [sema], model=tiny_model(), eval_strategy="epoch")
     trainer.train()
     history = trainer.state.log_history
-    raw = [h["eval_loss"] for h in history if "eval_loss" in h]
+    raw = [h["eval_raw_loss"] for h in history if "eval_raw_loss" in h]
     ema = [h["eval_ema_loss"] for h in history if "eval_ema_loss" in h]
     switched = [h["ema_switched"] for h in history if "ema_switched" in h]
     assert switched == [float(e < r) for r, e in zip(raw, ema, strict=True)]
