@@ -190,7 +190,7 @@ class SEMACallback(TrainerCallback, ExportableState):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Inside Trainer.__init__, before train() resolves resume_from_checkpoint=True to the newest checkpoint-N:
         # half-written checkpoints of a killed run are set aside here (`sema_hf.preemption`). Every rank gets here.
-        set_aside_incomplete_checkpoints(args)
+        set_aside_incomplete_checkpoints(args, require_ema=not self.config.allow_fresh_ema_on_resume)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._round.reset()

@@ -29,6 +29,9 @@ So a folder ``checkpoint-N`` is complete, as seen by one process, when:
   (``save_only_model``), this process's own ``rng_state_<rank>.pth`` exists (with `SEMATrainer` rank 0 may finish
   ``trainer_state.json`` before another rank wrote its RNG file).
 
+With ``SEMACallback(allow_fresh_ema_on_resume=True)`` a checkpoint whose only missing part is the EMA counts as
+complete: the user accepts a fresh average, and an explicit ``resume_from_checkpoint=PATH`` to it must stay possible.
+
 Every process judges its own view (with ``save_on_each_node`` and no shared storage each node has its own copy) and
 the processes agree on the newest step complete in every view. One process per filesystem (the one that saves,
 ``args.should_save``) renames each ``checkpoint-M`` with M above that step to ``_incomplete-checkpoint-M`` and warns;
@@ -132,16 +135,17 @@ def last_complete_checkpoint(
     return None
 
 
-def set_aside_incomplete_checkpoints(args: TrainingArguments) -> list[str]:
+def set_aside_incomplete_checkpoints(args: TrainingArguments, require_ema: bool = True) -> list[str]:
     """Rename every ``checkpoint-N`` of ``args.output_dir`` newer than the newest checkpoint complete on every rank
     to ``_incomplete-checkpoint-N`` (``.2``, ``.3``... when that name is taken), with a warning naming each.
 
+    ``require_ema=False`` (``allow_fresh_ema_on_resume``) keeps a checkpoint whose only missing part is the EMA.
     Every rank must call it (one all-gather, one barrier). The process that saves (``args.should_save``) renames;
     with ``save_on_each_node`` that is one per node, each renaming its node's copy. Returns the new names of the
     folders this process renamed.
     """
     folders = checkpoint_folders(args.output_dir)
-    reasons = {step: incomplete_reason(f, args.process_index, args.world_size) for step, f in folders}
+    reasons = {step: incomplete_reason(f, args.process_index, args.world_size, require_ema) for step, f in folders}
     views = _all_gather({step for step, reason in reasons.items() if reason is None}, args)
     common = set.intersection(*views)
     newest = max(common) if common else None
@@ -192,7 +196,7 @@ def prepare_resume(args: TrainingArguments, resume_from_checkpoint: str | bool |
     """What ``train(resume_from_checkpoint=...)`` needs before the Trainer reads it: ``True``, set incomplete
     checkpoints aside; a folder, refuse it when incomplete. Every rank must call it."""
     if resume_from_checkpoint is True:
-        set_aside_incomplete_checkpoints(args)
+        set_aside_incomplete_checkpoints(args, require_ema)
     elif isinstance(resume_from_checkpoint, str):
         check_resume_folder(resume_from_checkpoint, args, require_ema)
 

@@ -96,6 +96,16 @@ def test_only_checkpoints_newer_than_the_newest_complete_are_set_aside_with_thei
     assert (tmp_path / f"{SET_ASIDE_PREFIX}checkpoint-3.2").is_dir()
 
 
+def test_with_allow_fresh_ema_on_resume_a_newest_checkpoint_missing_only_its_ema_stays_resumable(tmp_path):
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 3, ema=False)
+    SEMACallback(decay=0.6, allow_fresh_ema_on_resume=True).on_init_end(tiny_args(str(tmp_path)), None, None)
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    with pytest.warns(UserWarning, match="checkpoint-3"):
+        SEMACallback(decay=0.6).on_init_end(tiny_args(str(tmp_path)), None, None)
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
 def test_set_aside_checkpoints_are_neither_rotated_nor_counted_against_save_total_limit(tmp_path):
     for step in (1, 2, 3):
         _checkpoint(tmp_path, step)
