@@ -11,9 +11,10 @@ cached safetensors checkpoint) with a LoRA adapter on the embedded Shakespeare, 
     accelerate launch examples/run_clm_no_trainer.py
     accelerate launch examples/run_clm_no_trainer.py --model_type gpt2       # a small GPT-2 from scratch
 
-The loop is the one of transformers' script with four SEMA lines: ``SEMA(model, optimizer, accelerator, ...)`` after
+The loop is the one of transformers' script with five SEMA lines: ``SEMA(model, optimizer, accelerator, ...)`` after
 ``accelerator.prepare``, ``sema.step()`` after every iteration (it updates only when the optimizer really stepped),
-``sema.epoch_end(...)`` at every epoch end (the switch point), and ``sema.swapped_in()`` around the evaluation.
+``sema.epoch_end(...)`` at every epoch end (the switch point), ``sema.swapped_in()`` around the evaluation, and
+``sema.finalize()`` before saving (the model then holds what ``final_weights`` says, the average by default).
 ``accelerator.save_state`` / ``load_state`` carry every rank's EMA shard, so ``--checkpointing_steps`` and
 ``--resume_from_checkpoint`` need nothing more. It runs in one process, under DDP and under DeepSpeed ZeRO-3 with the
 configs in ``examples/accelerate_configs/`` (see examples/README.md).
@@ -62,6 +63,7 @@ from run_clm import (
     trains_from_scratch,
 )
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, TrainingArguments, default_data_collator, get_scheduler
 
 from sema_hf import SEMA, SEMAConfig
@@ -166,11 +168,13 @@ def script_defaults(argv: list[str]) -> dict[str, Any]:
 
 
 class _ProcessOrder:
-    """What run_clm.py's data helpers read from `TrainingArguments`: the output folder, and `main_process_first`
-    (tokenize and cache on the main process while the others wait), here from the `Accelerator`."""
+    """What run_clm.py's data and LoRA helpers read from `TrainingArguments`: the output folder, whether this process
+    writes shared files (``should_save``), and `main_process_first` (tokenize and cache on the main process while the
+    others wait), here from the `Accelerator`."""
 
     def __init__(self, output_dir: str, accelerator: Accelerator) -> None:
         self.output_dir = output_dir
+        self.should_save = accelerator.is_main_process
         self._accelerator = accelerator
 
     @contextmanager
@@ -216,7 +220,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     total_params = numel(model, trainable_only=False)
     if example_args.use_lora:
         set_seed(loop_args.seed)  # the adapter's init depends on --seed only, not on what loading drew
-        model = apply_lora(model, example_args, "CAUSAL_LM")
+        from_scratch = model_args.model_name_or_path is None  # its random base weights are saved for the adapter
+        model = apply_lora(model, example_args, "CAUSAL_LM", training_args=order, from_scratch=from_scratch)
     trainable_params = numel(model, trainable_only=True)
     logger.info(f"Model: {total_params:,} parameters, {trainable_params:,} trainable")
     lm_datasets = tokenize_and_group(raw, tokenizer, model, data_args, order)
@@ -287,6 +292,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
     # ---- train ----
     metrics: dict[str, float] = {}
+    progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
     for epoch in range(starting_epoch, num_train_epochs):
         model.train()
         total_loss = torch.zeros((), device=accelerator.device)
@@ -308,6 +314,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
+            progress.update(1)
             if loop_args.checkpointing_steps not in (None, "epoch"):
                 if completed_steps % int(loop_args.checkpointing_steps) == 0:
                     accelerator.save_state(os.path.join(loop_args.output_dir, f"step_{completed_steps}"))
@@ -334,6 +341,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             accelerator.save_state(os.path.join(loop_args.output_dir, f"epoch_{epoch}"))
         if completed_steps >= max_train_steps:
             break
+
+    progress.close()
 
     # ---- the final model: what final_weights says (the average by default) ----
     held = sema.finalize(evaluate=eval_loss_now) if sema is not None else "model"
