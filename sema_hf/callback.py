@@ -1,6 +1,7 @@
-"""`SEMACallback`: Switch EMA as a `transformers.TrainerCallback`. Glue only: the rules live in `schedule` and
-`horizon`, the averages in `store`, the engine specifics in `engines`, the files in `checkpoint`, the choice of
-what to restore in `resume`, the Trainer binding in `binding`, the evaluation bookkeeping in `evaluation`.
+"""`SEMACallback`: Switch EMA as a `transformers.TrainerCallback`. Glue only: the run's state (engine adapter, store,
+counters, switch decisions, checkpoint files) is a `sema_hf.SEMA` core, the same object a hand-written accelerate
+loop uses; this module translates Trainer events into its calls. The rules live in `schedule` and `horizon`, the
+choice of what to restore in `resume`, the Trainer binding in `binding`, the evaluation bookkeeping in `evaluation`.
 
 Where each piece plugs into the Trainer's loop (transformers 5.x)::
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import uuid
 import warnings
 from typing import Any
 
@@ -38,13 +38,14 @@ from transformers.utils import logging
 
 from . import evaluation, schedule
 from .binding import TrainerBinding, bind
-from .checkpoint import has_ema_checkpoint, load_ema_checkpoint, save_ema_checkpoint
+from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
 from .engines import EngineAdapter, detect_engine
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
 from .preemption import set_aside_incomplete_checkpoints
 from .resume import CALLBACK_KEY, checkpoint_id, folder_to_restore
+from .sema import SEMA
 from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
@@ -103,22 +104,15 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
-        """Everything that belongs to one ``train()`` call, including its id in checkpoint identities (the process
-        that writes a checkpoint's ``trainer_state.json`` also writes its ``sema_state.json``, so both carry it)."""
-        self._run_id = uuid.uuid4().hex
-        self.engine: EngineAdapter | None = None
-        self.store: EMAStore | None = None
-        self.resolved: ResolvedHorizon | None = None
-        self.num_updates = 0
-        self.num_switches = 0
-        self.last_decay: float | None = None
-        self.last_switch_decision: bool | None = None
+        """Everything that belongs to one ``train()`` call: the core (made at train begin; its run id goes into
+        checkpoint identities: the process that writes a checkpoint's ``trainer_state.json`` also writes its
+        ``sema_state.json``, so both carry it) and the Trainer-side bookkeeping."""
+        self.core: SEMA | None = None
         # Which weights the model holds after train() ("ema" or "model"), so what save_model() writes; None before.
         self.final_weights_held: str | None = None
         self._binding = TrainerBinding(None)
         self._args: TrainingArguments | None = None
         self._trainer_state: TrainerState | None = None
-        self._warmup_steps = 0
         self._stepped = False
         self._training = False
         self._round = evaluation.EvaluationRound()
@@ -126,8 +120,47 @@ class SEMACallback(TrainerCallback, ExportableState):
         # Trainer may run right after it.
         self._measured: tuple[int | None, dict[str, float]] = (None, {})
         self._sema_metric: str | None = None  # a key of SEMA's (eval_ema_*) that metric_for_best_model names
-        self._steps_since_decision = 0
         self._saved_folder: str | None = None
+
+    # ---- the core's state, read through the callback -------------------------------------------------------------
+    @property
+    def engine(self) -> EngineAdapter | None:
+        """The engine adapter of the current (or last) run; None before training."""
+        return None if self.core is None else self.core.engine
+
+    @property
+    def store(self) -> EMAStore | None:
+        """The fp32 averages of the current (or last) run; None before training."""
+        return None if self.core is None else self.core.store
+
+    @property
+    def resolved(self) -> ResolvedHorizon | None:
+        """The decay and horizon resolved at train start; None before."""
+        return None if self.core is None else self.core.resolved
+
+    @property
+    def num_updates(self) -> int:
+        return 0 if self.core is None else self.core.num_updates
+
+    @property
+    def num_switches(self) -> int:
+        return 0 if self.core is None else self.core.num_switches
+
+    @property
+    def last_decay(self) -> float | None:
+        return None if self.core is None else self.core.last_decay
+
+    @property
+    def last_switch_decision(self) -> bool | None:
+        return None if self.core is None else self.core.last_switch_decision
+
+    @property
+    def _warmup_steps(self) -> int:
+        return 0 if self.core is None else self.core.warmup_steps
+
+    @property
+    def _steps_since_decision(self) -> int:
+        return 0 if self.core is None else self.core.steps_since_decision
 
     # ---- public API -------------------------------------------------------------------------------------------
     def set_trainer(self, trainer: Trainer) -> None:
@@ -169,13 +202,12 @@ class SEMACallback(TrainerCallback, ExportableState):
         """The full EMA weights keyed like ``model.state_dict()`` (each averaged tensor once, under its first name
         for tied weights), as fp32 copies. Sharded engines gather tensor by tensor; every rank must call this, and
         every rank receives the full dict."""
-        store = self._require_store()
-        assert self.engine is not None
-        return self.engine.full_state_dict(store.state_dict())
+        return self._require_core().ema_state_dict()
 
     def swapped_in(self):
-        """Context manager: inside, the model's forward reads the EMA weights; the raw weights always come back."""
-        return self._require_store().swapped_in()
+        """Context manager: inside, the model's forward reads the EMA weights; the raw weights always come back.
+        Every rank must enter it (`SEMA.swapped_in`: under ``shard_under_ddp`` and ZeRO-1/2 it gathers)."""
+        return self._require_core().swapped_in()
 
     def state(self) -> dict[str, Any]:
         """`ExportableState`: the Trainer records this in ``trainer_state.json`` with every checkpoint; resuming
@@ -183,7 +215,9 @@ class SEMACallback(TrainerCallback, ExportableState):
         step = self._trainer_state.global_step if self._trainer_state is not None else None
         return {
             "args": self.config.to_dict(),
-            "attributes": {"checkpoint_id": checkpoint_id(self._run_id, step) if self._training else None},
+            "attributes": {
+                "checkpoint_id": checkpoint_id(self.core.run_id, step) if self._training and self.core else None
+            },
         }
 
     # ---- Trainer hooks ----------------------------------------------------------------------------------------
@@ -206,26 +240,24 @@ class SEMACallback(TrainerCallback, ExportableState):
         else:
             _refuse_a_second_sema_callback(trainer)
         steps_per_epoch = _trainers_steps_per_epoch(trainer, kwargs.get("train_dataloader"), args)
-        self._warmup_steps = check_run_settings(self.config, args, trainer, steps_per_epoch, state)
+        warmup_steps = check_run_settings(self.config, args, trainer, steps_per_epoch, state)
         self._sema_metric = evaluation.sema_metric_named(args.metric_for_best_model)
-        self.resolved = resolve_horizon(self.config, steps_per_epoch)
-        self.engine = detect_engine(
+        resolved = resolve_horizon(self.config, steps_per_epoch)
+        engine = detect_engine(
             kwargs["model"],
             kwargs.get("optimizer"),
             self.config.include_buffers,
             shard_under_ddp=self.config.shard_under_ddp,
+            buffers_from_rank0=True,  # the core's store fills them (DDP with include_buffers: rank 0's statistics)
         )
-        if self.landscape is not None and self.engine.layout().sharded:
+        if self.landscape is not None and engine.layout().sharded:
             raise ValueError(
                 f"SEMACallback(landscape=...) measures single-process models only, but the engine is "
-                f"{self.engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
+                f"{engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
                 "or pass landscape=None."
             )
-        self.store = EMAStore(
-            self.engine.slots(),
-            after_write=self.engine.after_write,
-            backup_forward=getattr(self.engine, "backup_forward", None),  # DDP-sharded: evaluation gathers once
-        )
+        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps)
+        self.core.global_step = state.global_step
         if state.global_step > 0:
             self._resume(args, state)
             if isinstance(state.stateful_callbacks, dict):
@@ -253,10 +285,8 @@ class SEMACallback(TrainerCallback, ExportableState):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         store = self._require_store()
         step = state.global_step
-        if self._stepped:
-            self._stepped = False
-            self._average(store, step)
-            self._steps_since_decision += 1
+        stepped, self._stepped = self._stepped, False
+        self._require_core().advance(step, stepped)
         logs: dict[str, float] = {}
         if control.should_log and self.last_decay is not None:
             logs["ema_decay"] = self.last_decay
@@ -347,56 +377,24 @@ class SEMACallback(TrainerCallback, ExportableState):
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
         """Write this rank's average and the JSON into ``folder``; every rank must call it."""
-        store = self._require_store()
-        assert self.engine is not None
-        meta = {
-            "global_step": global_step,
-            "checkpoint_id": checkpoint_id(self._run_id, global_step),
-            "checkpoint_dir": os.path.abspath(folder),
-            "num_updates": self.num_updates,
-            "num_switches": self.num_switches,
-            "last_decay": self.last_decay,
-            "last_switch_decision": self.last_switch_decision,
-            "steps_since_decision": self._steps_since_decision,
-            "config": self.config.to_dict(),
-        }
-        writer = self._args.should_save if self._args is not None else None
-        save_ema_checkpoint(folder, store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer)
+        core = self._require_core()
+        core.global_step = global_step
+        core.save(folder, writer=self._args.should_save if self._args is not None else None)
         self._saved_folder = folder
 
     def load_checkpoint(self, folder: str) -> dict[str, Any]:
-        """Restore the average and counters saved in ``folder``; raises if absent or not matching this model."""
-        store = self._require_store()
-        assert self.engine is not None
-        tensors, meta = load_ema_checkpoint(folder, self.engine.layout())
-        store.load_state_dict(tensors)
-        self.num_updates = meta["num_updates"]
-        self.num_switches = meta["num_switches"]
-        self.last_decay = meta["last_decay"]
-        self.last_switch_decision = meta.get("last_switch_decision")
-        self._steps_since_decision = meta.get("steps_since_decision", 0)
-        return meta
+        """Restore the average and counters saved in ``folder``; raises if absent or not matching this model (on
+        every rank, when any rank cannot: the others would otherwise wait in the next collective)."""
+        return self._require_core().load(folder, allow_fresh=False)
 
     # ---- internals --------------------------------------------------------------------------------------------
-    def _require_store(self) -> EMAStore:
-        if self.store is None:
+    def _require_core(self) -> SEMA:
+        if self.core is None:
             raise RuntimeError("SEMACallback has no EMA yet: it is created when training starts (on_train_begin).")
-        return self.store
+        return self.core
 
-    def _average(self, store: EMAStore, step: int) -> None:
-        cfg = self.config
-        action = schedule.ema_action(step, cfg.update_every, cfg.update_after_step)
-        if action is schedule.EMAAction.COPY:
-            store.reset()
-            self.last_decay = 0.0
-        elif action is schedule.EMAAction.UPDATE:
-            assert self.resolved is not None
-            decay = schedule.effective_decay(
-                step, self.resolved.decay, cfg.warmup, self._warmup_steps, cfg.warmup_ratio, cfg.update_every
-            )
-            store.update(decay)
-            self.num_updates += 1
-            self.last_decay = decay
+    def _require_store(self) -> EMAStore:
+        return self._require_core().store
 
     def _compares_weights(self) -> bool:
         """Whether evaluations read the raw weights and then the average (``eval_*`` and ``eval_ema_*``)."""
@@ -422,12 +420,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             if model is None:
                 raise RuntimeError("SEMACallback(landscape=...) needs the model in the hook's keyword arguments")
             logs = self.landscape.measure(model, store.swapped_in)
-        self.last_switch_decision = better
-        self._steps_since_decision = 0
-        if better:
-            store.switch()
-            self.num_switches += 1
-        logs.update({"ema_switches": float(self.num_switches), "ema_switched": float(better)})
+        logs.update(self._require_core().decide_switch(better))
         return logs
 
     def _require_trainer(self) -> Trainer:
@@ -561,8 +554,3 @@ def _trainers_steps_per_epoch(trainer: Trainer | None, loader: Any, args: Traini
         sp_size = get_sp_size() if callable(get_sp_size) else 1
         batches *= sp_size if isinstance(sp_size, int) and sp_size > 1 else 1
     return optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps)
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

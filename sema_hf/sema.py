@@ -431,16 +431,17 @@ class SEMA:
             folder, self.store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer
         )
 
-    def load(self, folder: str) -> dict[str, Any]:
+    def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
         callback), re-sharding when the world size or the engine differs. Every rank must call it. An error on any
         rank (no EMA state, a damaged shard, another model) is raised on every rank.
 
-        A folder without EMA state is an error, unless ``allow_fresh_ema_on_resume``: then the average restarts from
-        the weights at the next `step` (counters from zero)."""
+        A folder without EMA state is an error, unless ``allow_fresh`` (default: ``allow_fresh_ema_on_resume``):
+        then the average restarts from the weights at the next `step` (counters from zero)."""
+        allow_fresh = self.config.allow_fresh_ema_on_resume if allow_fresh is None else allow_fresh
         missing = not has_ema_checkpoint(folder)
         if _any_rank(missing):
-            if self.config.allow_fresh_ema_on_resume:
+            if allow_fresh:
                 logger.warning(f"SEMA: no EMA state in {folder!r}; the average restarts from the restored weights.")
                 self._fresh_pending = True
                 return {}
