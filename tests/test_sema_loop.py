@@ -12,10 +12,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from sema_hf import SEMA, SEMAConfig
+from sema_hf import SEMA, SEMACallback, SEMAConfig
 from sema_hf.checkpoint import STATE_NAME, shard_file_name
 
-from tiny import tiny_model
+from tiny import tiny_dataset, tiny_model, tiny_trainer
 
 DIM = 8
 
@@ -309,3 +309,35 @@ def test_save_and_load_without_accelerator_round_trip(tmp_path):
     other.load(str(tmp_path))
     a, b = sema.ema_state_dict(), other.ema_state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a) and other.state_dict() == sema.state_dict()
+
+
+def test_loop_and_trainer_callback_give_the_same_average_on_the_same_trajectory(tmp_path):
+    """One core, two front-ends: the Trainer's steps (AdamW, gradient clipping at 1, sequential batches of 8, two
+    epochs, a switch at each epoch end, the default one-epoch linear warmup) replayed by hand give the same
+    average and the same weights."""
+    callback = SEMACallback(decay=0.6)
+    trainer = tiny_trainer(str(tmp_path), [callback])
+    trainer.train()
+    by_trainer = callback.ema_state_dict()
+
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    sema = SEMA(model, opt, decay=0.6, steps_per_epoch=4)
+    data = tiny_dataset()
+    x, y = torch.tensor(data["x"]), torch.tensor(data["labels"])
+    for _epoch in range(2):
+        for k in range(4):
+            loss_of(model, x[8 * k : 8 * k + 8], y[8 * k : 8 * k + 8]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            sema.step()
+        sema.epoch_end()
+    by_loop = sema.ema_state_dict()
+    assert sema.warmup_steps == callback.core.warmup_steps == 4
+    assert (sema.num_updates, sema.num_switches) == (callback.num_updates, callback.num_switches) == (8, 2)
+    for n in by_trainer:
+        torch.testing.assert_close(by_loop[n], by_trainer[n], rtol=1e-5, atol=1e-6)
+    assert sema.finalize() == callback.final_weights_held == "ema"
+    for (n, p), q in zip(model.named_parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
