@@ -218,6 +218,7 @@ def _averaged_per_rank(output: str) -> list[int]:
             "averaged elements on this rank" in line]  # fmt: skip
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("config", "engine"), [("ddp_cpu_2proc.yaml", "local"), ("deepspeed_zero3.yaml", "deepspeed-zero3")]
 )
