@@ -143,6 +143,13 @@ def test_ddp_buffer_averages_are_rank_zeros_on_every_rank(checks):
         assert buffers["vs_rank0_reference"] == 0.0
 
 
+def test_trainer_callback_under_ddp_also_averages_rank_zeros_buffers(checks):
+    for result in checks:
+        buffers = result["trainer_buffers"]
+        assert buffers["num_switches"] == 2
+        assert buffers["ranks_differ"] == 0.0 and buffers["final_buffers_differ"] == 0.0
+
+
 def test_pieces_that_overlap_and_leave_a_hole_are_refused_though_sizes_add_up(checks):
     for result in checks:
         assert "[0, 10) twice" in result["coverage"]["error"] and "[10, 20) missing" in result["coverage"]["error"]

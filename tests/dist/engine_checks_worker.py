@@ -10,6 +10,9 @@ Usage: ``engine_checks_worker.py OUT_DIR``. Writes ``OUT_DIR/checks_rank{r}.json
 * ``one_rank_swap``: under ``shard_under_ddp`` only rank 0 enters ``swapped_in()``: the error rank 0 raised (after
   a 2 s entry timeout), or None; the weights after it.
 * ``load_error``: rank 1's EMA shard file is damaged after a save; both ranks call ``load``: the error each raised.
+* ``trainer_buffers``: the same as ``buffers`` through the Trainer's `SEMACallback` (2 epochs, a switch at each
+  end, the average in the model at the end): the largest difference between the ranks' buffer averages and
+  between their final buffers.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from accelerate import Accelerator
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
-from sema_hf import SEMA  # noqa: E402
+from sema_hf import SEMA, SEMACallback  # noqa: E402
 from sema_hf.checkpoint import shard_file_name  # noqa: E402
 from sema_hf.engines.shards import Piece, ShardedAdapter  # noqa: E402
 
-from tiny import tiny_model  # noqa: E402
+from tiny import tiny_model, tiny_trainer  # noqa: E402
 
 
 def error_of(fn) -> str | None:
@@ -132,6 +135,22 @@ def load_error_check(accelerator: Accelerator, rank: int, out_dir: str) -> dict:
     return {"error": error}
 
 
+def trainer_buffers_check(out_dir: str) -> dict:
+    sema = SEMACallback(decay=0.5, warmup="none", include_buffers=True)
+    model = tiny_model(batch_norm=True)
+    tiny_trainer(os.path.join(out_dir, "trainer"), [sema], model=model, per_device_train_batch_size=4).train()
+    names = [n for n, b in model.named_buffers() if b.is_floating_point()]
+    averages = [None, None]
+    dist.all_gather_object(averages, {n: sema.store.state_dict()[n].clone() for n in names})
+    final = [None, None]
+    dist.all_gather_object(final, {n: b.detach().clone() for n, b in model.named_buffers() if n in names})
+    return {
+        "ranks_differ": max((averages[0][n] - averages[1][n]).abs().max().item() for n in names),
+        "final_buffers_differ": max((final[0][n] - final[1][n]).abs().max().item() for n in names),
+        "num_switches": sema.num_switches,
+    }
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     accelerator = Accelerator(cpu=True)
@@ -141,6 +160,7 @@ def main() -> None:
         "coverage": coverage_check(rank),
         "one_rank_swap": one_rank_swap_check(accelerator, rank),
         "load_error": load_error_check(accelerator, rank, out_dir),
+        "trainer_buffers": trainer_buffers_check(out_dir),
     }
     with open(os.path.join(out_dir, f"checks_rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
