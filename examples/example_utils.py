@@ -354,6 +354,10 @@ def last_checkpoint(training_args: TrainingArguments) -> str | None:
 
 
 # ---- GGUF checkpoints as regular ones ------------------------------------------------------------------------------
+# Written last into a converted folder: its presence means the conversion finished (and from which file).
+GGUF_SOURCE_FILE = "sema_hf_gguf_source.json"
+
+
 def gguf_checkpoint(folder: str, gguf_file: str, cache_dir: str | None = None) -> str:
     """A regular transformers checkpoint folder (safetensors weights, config, generation config, tokenizer) holding
     ``folder/gguf_file`` de-quantized to fp32: converted once, then read from the cache.
@@ -385,6 +389,7 @@ def gguf_checkpoint(folder: str, gguf_file: str, cache_dir: str | None = None) -
             [sys.executable, os.path.abspath(__file__), "--convert-gguf", folder, gguf_file, staging],
             capture_output=True,
             text=True,
+            env=_single_process_env(),
         )
         if done.returncode != 0:
             raise RuntimeError(f"Converting {source} failed:\n{(done.stdout + done.stderr)[-4000:]}")
@@ -398,10 +403,6 @@ def gguf_checkpoint(folder: str, gguf_file: str, cache_dir: str | None = None) -
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-# Written last into a converted folder: its presence means the conversion finished (and from which file).
-GGUF_SOURCE_FILE = "sema_hf_gguf_source.json"
 
 
 def convert_gguf(folder: str, gguf_file: str, output_dir: str) -> None:
@@ -422,6 +423,27 @@ def convert_gguf(folder: str, gguf_file: str, output_dir: str) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(output_dir)
+
+
+# What torchrun and accelerate launch tell their workers: the converting child is one plain process whatever the
+# parent was (no process group, no DeepSpeed).
+_LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _single_process_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARIABLES and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))
+    }
 
 
 def _cache_root(cache_dir: str | None) -> str:
