@@ -1,7 +1,8 @@
 """Switch EMA (SEMA) for the Hugging Face Trainer.
 
 ``Trainer(..., callbacks=[SEMACallback(horizon_epochs=0.3)])`` keeps an fp32 moving average of the trainable weights and
-copies it into the model at every epoch end (Li et al., "Switch EMA", arXiv 2402.09240).
+copies it into the model at every epoch end (Li et al., "Switch EMA", arXiv 2402.09240). In a hand-written accelerate
+loop, ``SEMA(model, optimizer, accelerator, ...)`` with ``step()`` / ``epoch_end()`` / ``swapped_in()`` is the same core.
 """
 
 from .callback import SEMACallback
