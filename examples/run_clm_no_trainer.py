@@ -257,7 +257,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
     if example_args.sema_mode == "sema":
         sema_config = _with_example_switch_policy(argv, sema_config)
-    sema = _sema_for(example_args.sema_mode, sema_config, model, optimizer, accelerator, steps_per_epoch)
+    sema = _sema_for(
+        example_args.sema_mode, sema_config, model, optimizer, accelerator, steps_per_epoch, max_train_steps
+    )
     sizes = {"averaged_numel": trainable_params, "model_numel": total_params}
 
     def eval_loss_now() -> float:  # the score of a guarded switch (if_better): the eval loss, lower is better
@@ -387,14 +389,14 @@ def make_accelerator(cpu: bool, **kwargs: Any) -> Accelerator:
 
 # ---- the loop's pieces --------------------------------------------------------------------------------------------
 def _sema_for(
-    mode: str, config: SEMAConfig, model, optimizer, accelerator: Accelerator, steps_per_epoch: int
+    mode: str, config: SEMAConfig, model, optimizer, accelerator: Accelerator, steps_per_epoch: int, max_steps: int
 ) -> SEMA | None:
     """The SEMA object for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None."""
     if mode == "none":
         return None
     if mode == "ema":
         config = config.replace(switch=False)
-    return SEMA(model, optimizer, accelerator, config=config, steps_per_epoch=steps_per_epoch)
+    return SEMA(model, optimizer, accelerator, config=config, steps_per_epoch=steps_per_epoch, max_steps=max_steps)
 
 
 def _with_example_switch_policy(argv: list[str], config: SEMAConfig) -> SEMAConfig:
