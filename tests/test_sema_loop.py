@@ -341,3 +341,34 @@ def test_loop_and_trainer_callback_give_the_same_average_on_the_same_trajectory(
     assert sema.finalize() == callback.final_weights_held == "ema"
     for (n, p), q in zip(model.named_parameters(), trainer.model.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_step_counted_guarded_switch_evaluates_at_its_switch_points_only():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sema = SEMA(model, opt, decay=0.5, warmup="none", switch_every_steps=3, switch_policy="if_better")
+    data = batches(7)
+    x0, y0 = data[0]
+    calls = []
+
+    def evaluate() -> float:
+        calls.append(sema.global_step)
+        return float(loss_of(model, x0, y0).detach())
+
+    for x, y in data[:2]:
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        sema.step()  # no switch point yet: no scores needed
+    loss_of(model, *data[2]).backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="step 3"):
+        sema.step()  # step 3 is a switch point: the guarded switch needs scores
+    for x, y in data[3:]:
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        sema.step(evaluate=evaluate)
+    assert calls == [6, 6]  # the raw weights and the average, at step 6 only
+    assert sema.last_switch_decision is not None and sema.steps_since_decision == 1
