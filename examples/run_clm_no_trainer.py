@@ -547,7 +547,12 @@ def _write_card(sema, metrics, numels, model_args, data_args, loop_args) -> None
     ModelCard(text).save(os.path.join(loop_args.output_dir, "README.md"))
     if sema is not None:
         counts = {"num_updates": sema.num_updates, "num_switches": sema.num_switches, "resolved_decay": sema.decay}
-        add_sema_to_model_card(loop_args.output_dir, sema.config, metrics, **counts, **numels)
+        held = {"final_weights_held": sema.final_weights_held}
+        if sema.final_weights_held == "model" and sema.config.final_weights == "ema":
+            held["kept_because"] = (
+                "`switch_policy='if_better'` kept them, as the average did not evaluate better at the end of training"
+            )
+        add_sema_to_model_card(loop_args.output_dir, sema.config, metrics, **counts, **numels, **held)
 
 
 def _push(args: LoopArguments) -> None:

@@ -169,6 +169,7 @@ def test_the_guarded_switch_is_the_default_and_keeps_the_raw_weights_when_the_av
     assert metrics["ema_switches"] == 0.0
     assert metrics["eval_loss"] == pytest.approx(_eval_loss_of_saved_model(out), abs=1e-5)
     assert metrics["eval_loss"] < tracker.logs[-1][1]["eval_loss"]  # the epoch's log evaluated the (worse) average
+    assert "These are the raw training weights" in ModelCard.load(os.path.join(out, "README.md")).text
 
 
 def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(tmp_path):
