@@ -220,6 +220,19 @@ def _averaged_per_rank(output: str) -> list[int]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("config", ["ddp_cpu_2proc.yaml", "deepspeed_zero3.yaml"])
+def test_a_two_process_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(config, tmp_path):
+    flags = [f for f in TINY if f not in ("--use_cpu", "true")]
+    flags += ["--switch_policy", "always", "--checkpointing_steps", "2"]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    _accelerate_launch(config, whole, *flags)
+    shutil.copytree(os.path.join(whole, "_tokenizer-bpe300"), os.path.join(resumed, "_tokenizer-bpe300"))
+    _accelerate_launch(config, resumed, *flags, "--resume_from_checkpoint", os.path.join(whole, "step_4"))
+    a, b = load_file(os.path.join(whole, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("config", "engine"), [("ddp_cpu_2proc.yaml", "local"), ("deepspeed_zero3.yaml", "deepspeed-zero3")]
 )
