@@ -430,6 +430,14 @@ PIECES: dict[str, Piece] = {
             seeds=V2_SEEDS,
         ),
         Piece(
+            "mnist-noisy-schedules",
+            MNIST_V2,
+            (*_quartet(), *_quartet("constant_with_warmup")),
+            "The two schedules side by side, all against no averaging with cosine to zero (the same runs as the two "
+            "pieces above; no new runs).",
+            seeds=V2_SEEDS,
+        ),
+        Piece(
             "mnist-noisy-horizon",
             MNIST_V2,
             (Variant("none"), *(Variant(m, horizon_epochs=h) for h in HORIZONS_V2 for m in ("ema", "sema"))),
