@@ -45,6 +45,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -911,6 +912,7 @@ def regime_table(tables: Mapping[str, tuple[list[str], dict[str, Any]] | None]) 
 
 
 STYLES = {"none": "tab:gray", "ema": "tab:blue", "sema": "tab:red"}
+STYLES_OTHER_LR = {"none": "black", "ema": "tab:cyan", "sema": "tab:orange"}  # a piece with both schedules
 
 
 def plot_piece_curves(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path: str) -> bool:
@@ -933,7 +935,7 @@ def plot_piece_curves(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path:
             if not curves:
                 continue
             steps, mean, std = curve_band(curves)
-            color = STYLES[variant.mode]
+            color = (STYLES if variant.lr_schedule == piece.variants[0].lr_schedule else STYLES_OTHER_LR)[variant.mode]
             if piece.sweep and variant.mode != "none":
                 shade = piece.horizons.index(variant.horizon_epochs) / max(len(piece.horizons) - 1, 1)
                 color = plt.get_cmap("Blues" if variant.mode == "ema" else "Reds")(0.35 + 0.6 * shade)
@@ -956,7 +958,8 @@ def plot_piece_curves(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path:
                 ax.set_ylim(bottom=min(values) - 0.01, top=min(1.0, max(values) + 0.01))
         ax.set_xlabel(f"optimizer steps ({piece.task.steps_per_epoch} per epoch)")
         ax.set_ylabel(piece.task.metric_label)
-        ax.set_title(f"{piece.name}: {piece.task.title}\nmean ± 1 std across seeds", fontsize=9)
+        title = textwrap.fill(f"{piece.name}: {piece.task.title}", 100)
+        ax.set_title(f"{title}\nmean ± 1 std across seeds", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if drawn > 4 else 1)
         fig.tight_layout()
