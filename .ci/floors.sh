@@ -2,7 +2,8 @@
 # Supported-version floors: a fresh venv with exactly the lowest versions setup.cfg's install_requires admits
 # (torch, transformers, accelerate, safetensors; read from setup.cfg, so the floors and this check cannot drift
 # apart), the test tools at their newest compatible releases, sema-hf itself without dependencies, then the
-# callback tests. Measured here: 9 min 49 s wall on a 2-core machine loaded by other jobs (3 min 18 s of CPU; the
+# callback tests (with the evaluation contract and the single-process preemption tests since issues 16 and 19).
+# Measured here: 9 min 49 s wall on a 2-core machine loaded by other jobs (3 min 18 s of CPU; the
 # tests themselves 54 s, the rest installing); idle, the installs should take about 2 minutes (ENVIRONMENT.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 PY=${PYTHON:-python}
 TESTS=(
     tests/test_config.py tests/test_schedule.py tests/test_callback.py tests/test_resume.py
-    tests/test_trainer_workflows.py
+    tests/test_trainer_workflows.py tests/test_evaluation_contract.py tests/test_preemption.py
 )
 
 floor() {  # "torch>=2.13.0" in setup.cfg -> 2.13.0
@@ -43,4 +44,7 @@ if wrong:
     sys.exit(f"floors.sh: the resolver moved a floor: {wrong}")
 print("floors:", " ".join(f"{name} {version(name)}" for name, _ in pins))
 PYEOF
-"$VPY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+# Not the 2-rank resume tests: transformers 5.10.1's own multi-process CPU resume fails before SEMA runs
+# (torch.load of the optimizer state with map_location "cpu:0": "don't know how to restore data location"); they run
+# in the main suite on current releases.
+"$VPY" -m pytest -q -p no:cacheprovider -m "not multiprocess" "${TESTS[@]}"
