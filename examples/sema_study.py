@@ -564,6 +564,10 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        # Float results repeat bit for bit only on the same CPU kernels: a move from one CPU to another shifted
+        # the 7th digit of training losses here (issue 16's re-runs), with the same code and seed.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
