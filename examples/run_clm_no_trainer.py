@@ -62,6 +62,9 @@ from run_clm import (
     tokenize_and_group,
     trains_from_scratch,
 )
+from run_clm import (
+    SMOLLM2_DEFAULTS as TRAINER_SMOLLM2_DEFAULTS,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, TrainingArguments, default_data_collator, get_scheduler
@@ -142,16 +145,13 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     # The averaging horizon in epochs, resolved from the loop's optimizer steps per epoch (see run_clm.py).
     "horizon_epochs": 0.3,
 }
-# The main job's sizes (run_clm.py's SMOLLM2_DEFAULTS in this script's flag names).
+# The main job's sizes: run_clm.py's SMOLLM2_DEFAULTS in this script's flag names (transformers' no_trainer script
+# calls the LR warmup --num_warmup_steps, and logs no loss every N steps).
+_TRAINER_TO_LOOP_FLAGS = {"warmup_steps": "num_warmup_steps", "logging_steps": None}
 SMOLLM2_DEFAULTS: dict[str, Any] = {
-    "use_lora": True,
-    "learning_rate": 5e-4,
-    "max_train_samples": 32,
-    "max_eval_samples": 8,
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 8,
-    "num_train_epochs": 3,
-    "num_warmup_steps": 3,
+    _TRAINER_TO_LOOP_FLAGS.get(name, name): value
+    for name, value in TRAINER_SMOLLM2_DEFAULTS.items()
+    if _TRAINER_TO_LOOP_FLAGS.get(name, name) is not None
 }
 
 
