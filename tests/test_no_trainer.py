@@ -15,13 +15,13 @@ from contextlib import nullcontext
 import huggingface_hub
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import GeneralTracker
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from launch import OFFLINE_ENV, REPO_ROOT, free_port
+from tiny import reset_accelerate_state
 
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
@@ -50,14 +50,7 @@ TINY = [
 STEPS_PER_EPOCH = 3
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator, as a fresh process would."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class RecordingTracker(GeneralTracker):
@@ -180,8 +173,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(tm
     # 3 optimizer steps per epoch: step_2 is inside the first epoch, step_4 inside the second (after a switch).
     assert sorted(d for d in os.listdir(whole) if d.startswith("step_")) == ["step_2", "step_4", "step_6"]
     for checkpoint in ("step_2", "step_4"):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         resumed = str(tmp_path / f"from_{checkpoint}")
         shutil.copytree(os.path.join(whole, "_tokenizer-bpe300"), os.path.join(resumed, "_tokenizer-bpe300"))
         resume = ["--resume_from_checkpoint", os.path.join(whole, checkpoint)]

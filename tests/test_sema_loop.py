@@ -10,24 +10,16 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from sema_hf import SEMA, SEMACallback, SEMAConfig
 from sema_hf.checkpoint import STATE_NAME, shard_file_name
 
-from tiny import tiny_dataset, tiny_model, tiny_trainer
+from tiny import reset_accelerate_state, tiny_dataset, tiny_model, tiny_trainer
 
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test makes its own Accelerator (gradient accumulation lives in accelerate's shared state)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def batches(n: int = 12, size: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,6 +37,15 @@ def loss_of(model, x, y):
 
 def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train(model, opt, sema, steps: int) -> None:
+    """``steps`` plain SGD steps on `batches`, each followed by ``sema.step()`` (no accelerator: every call steps)."""
+    for x, y in batches(steps):
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        sema.step()
 
 
 def test_step_without_accelerator_follows_hand_computed_ema_with_linear_warmup():
@@ -73,11 +74,7 @@ def test_epoch_end_switches_on_the_configured_epochs_and_copies_the_average():
     sema = SEMA(model, opt, decay=0.5, warmup="none", switch_every_epochs=2, switch_start_epoch=1)
     switched = []
     for _epoch in range(5):
-        for x, y in batches(3):
-            loss_of(model, x, y).backward()
-            opt.step()
-            opt.zero_grad()
-            sema.step()
+        train(model, opt, sema, 3)
         before = sema.ema_state_dict()
         switched.append(sema.epoch_end())
         if switched[-1]:
@@ -92,11 +89,7 @@ def test_switch_every_steps_switches_inside_step():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sema = SEMA(model, opt, decay=0.5, warmup="none", switch_every_steps=4)
-    for x, y in batches(9):
-        loss_of(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
-        sema.step()
+    train(model, opt, sema, 9)
     assert sema.num_switches == 2  # steps 4 and 8
     assert sema.epoch_end() is False  # step-counted switching: epoch ends are no switch points
 
@@ -156,11 +149,7 @@ def test_swapped_in_evaluates_the_average_and_always_restores_raw_weights():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sema = SEMA(model, opt, decay=0.5, warmup="none")
-    for x, y in batches(3):
-        loss_of(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
-        sema.step()
+    train(model, opt, sema, 3)
     raw, ema = params(model), sema.ema_state_dict()
     with pytest.raises(KeyError):
         with sema.swapped_in():
@@ -252,8 +241,7 @@ def test_save_state_then_load_state_resumes_bit_identically(tmp_path):
     uninterrupted = (sema.ema_state_dict(), params(model), sema.state_dict())
     sema.remove_hooks()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator, model, opt, sema = _run(config)
     accelerator.register_for_checkpointing(sema)
     accelerator.load_state(folder)
@@ -299,11 +287,7 @@ def test_save_and_load_without_accelerator_round_trip(tmp_path):
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sema = SEMA(model, opt, decay=0.5, warmup="none")
-    for x, y in batches(3):
-        loss_of(model, x, y).backward()
-        opt.step()
-        opt.zero_grad()
-        sema.step()
+    train(model, opt, sema, 3)
     sema.save(str(tmp_path))
     other = SEMA(tiny_model(seed=5), decay=0.5, warmup="none")
     other.load(str(tmp_path))

@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from sema_hf import SEMA
 
 from launch import run_torchrun
+from tiny import reset_accelerate_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
 from sharded_setup import tiny_gpt2  # noqa: E402
@@ -119,8 +119,7 @@ def test_two_rank_state_reshards_onto_one_process_bit_exactly(engine, runs):
 
 @pytest.mark.parametrize("engine", ["ddp", "ddp-sharded"])
 def test_accelerator_load_state_in_one_process_restores_a_two_rank_ddp_run(engine, runs):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     model = tiny_gpt2(seed=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
@@ -131,8 +130,7 @@ def test_accelerator_load_state_in_one_process_restores_a_two_rank_ddp_run(engin
     got = sema.ema_state_dict()
     assert all(torch.equal(got[n], expected[n]) for n in expected) and sema.num_updates == 6
     sema.remove_hooks()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def test_ddp_buffer_averages_are_rank_zeros_on_every_rank(checks):

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainingArguments
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (the Accelerator's and gradient accumulation's), as a fresh process
+    would start: each in-process loop run builds its own Accelerator."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 class TinyRegressor(nn.Module):
