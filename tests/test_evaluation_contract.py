@@ -18,34 +18,13 @@ from transformers.trainer_utils import default_compute_objective
 from sema_hf import SEMACallback, SEMATrainer
 from sema_hf.checkpoint import has_ema_checkpoint
 
-from tiny import tiny_args, tiny_dataset, tiny_model, tiny_trainer
+from tiny import Pull, StopAt, tiny_args, tiny_dataset, tiny_model, tiny_trainer
 
 EMA_FILE = "sema_ema-00001-of-00001.safetensors"
 
 
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
-class Pull(nn.Module):
-    """w is pulled towards each training point; eval loss is |w|^2 (eval points are 0)."""
-
-    def __init__(self, start: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.full((4,), start))
-
-    def forward(self, x, labels=None):
-        loss = ((self.w - x) ** 2).sum(-1).mean()
-        return {"loss": loss, "logits": self.w.expand_as(x)}
 
 
 def _pull_data(train_x):

@@ -14,7 +14,7 @@ from sema_hf import SEMACallback, SEMAConfig
 from sema_hf.horizon import decay_for_horizon, horizon_of_decay, optimizer_steps_per_epoch, resolve_horizon
 
 from launch import run_torchrun
-from tiny import tiny_args, tiny_model, tiny_trainer
+from tiny import Pull, tiny_args, tiny_model, tiny_trainer
 
 
 # ---- resolution -------------------------------------------------------------------------------------------------
@@ -132,18 +132,6 @@ def test_no_warning_on_a_sensible_run_or_the_examples_defaults(tmp_path):
 
 
 # ---- guarded switch ---------------------------------------------------------------------------------------------
-class Pull(nn.Module):
-    """loss = |w - x|^2: training pulls w towards the training points; the eval set sits at 0."""
-
-    def __init__(self, start: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.full((4,), start))
-
-    def forward(self, x, labels=None):
-        loss = ((self.w - x) ** 2).sum(-1).mean()
-        return {"loss": loss, "logits": self.w.expand_as(x)}
-
-
 def _pull_run(tmp_path, start, train_x, **sema_kwargs):
     sema = SEMACallback(decay=0.8, warmup="none", switch_policy="if_better", **sema_kwargs)
     data = Dataset.from_dict({"x": train_x.tolist(), "labels": [0.0] * len(train_x)})

@@ -15,18 +15,9 @@ from transformers.utils import logging as hf_logging
 from sema_hf import SEMACallback, SEMATrainer
 from sema_hf.checkpoint import STATE_NAME, has_ema_checkpoint
 
-from tiny import tiny_args, tiny_dataset, tiny_model, tiny_trainer
+from tiny import StopAt, tiny_args, tiny_dataset, tiny_model, tiny_trainer
 
 EMA_FILE = "sema_ema-00001-of-00001.safetensors"
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 class CaptureAtTrainBegin(TrainerCallback):
