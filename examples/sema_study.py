@@ -323,6 +323,9 @@ GUARDED = (
 HORIZONS_V2 = (0.1, 0.3, 1.0, 3.0, 6.0)  # 20 to 1,200 optimizer steps
 
 
+HORIZONS_LM = (0.3, 1.0, 3.0)  # the LM regime's sweep: 90 to 900 of its 300 steps per epoch
+
+
 def _quartet(lr_schedule: str = "cosine") -> tuple[Variant, ...]:
     return (
         Variant("none", lr_schedule=lr_schedule),
@@ -454,6 +457,16 @@ PIECES: dict[str, Piece] = {
             tuple(_trio()),
             "A causal LM from scratch at 300 steps per epoch, cosine LR to zero: does averaging help?",
             seeds=V2_SEEDS,
+        ),
+        Piece(
+            "gpt2-tiny-horizon",
+            GPT2_V2,
+            (Variant("none"), *(Variant(m, horizon_epochs=h) for h in HORIZONS_LM for m in ("sema", "ema"))),
+            "The LM regime's horizon sweep (issue 22): does SEMA's one image-regime win, H = 1 epoch, hold on the LM "
+            "(90 to 900 steps)?",
+            seeds=V2_SEEDS,
+            sweep=True,
+            horizons=HORIZONS_LM,
         ),
         Piece(
             "gpt2-tiny-lr-constant",
