@@ -40,12 +40,17 @@ def _escape(text: str) -> str:
 
 
 def _code(text: str) -> str:
-    return f"`{text}`".replace("|", "\\|")
+    return f"`{text}`"
+
+
+def _type(text: str) -> str:
+    """``float | None`` as `float` or `None`: a "|" inside a code span would end the table cell."""
+    return " or ".join(_code(part.strip()) for part in text.split("|"))
 
 
 def field_table() -> str:
     config_class = _load_config_class()
-    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    rows = ['<div class="config-fields" markdown>', "", "| field | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(config_class):
         help_text = f.metadata.get("help")
         if not help_text:
@@ -60,7 +65,8 @@ def field_table() -> str:
         meaning = _escape(help_text)
         if "choices" in f.metadata:
             meaning += " One of " + ", ".join(_code(repr(c)) for c in f.metadata["choices"]) + "."
-        rows.append(f"| `{f.name}` | {_code(type_name)} | {default} | {meaning} |")
+        rows.append(f"| `{f.name}` | {_type(type_name)} | {default} | {meaning} |")
+    rows += ["", "</div>"]
     return "\n".join(rows)
 
 
