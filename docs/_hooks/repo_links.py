@@ -17,7 +17,15 @@ from mkdocs.structure.files import File
 
 SOURCE_DIR = "source"
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
-_LANGUAGES = {".py": "python", ".yaml": "yaml", ".yml": "yaml", ".sh": "bash", ".json": "json", ".cfg": "ini", ".toml": "toml"}
+_LANGUAGES = {
+    ".py": "python",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".sh": "bash",
+    ".json": "json",
+    ".cfg": "ini",
+    ".toml": "toml",
+}
 
 # virtual src_uri of a copied file -> its path in the repository
 _copied: dict[str, str] = {}
