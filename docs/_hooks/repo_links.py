@@ -64,11 +64,13 @@ def _rewrite(target: str, src_uri: str, config, found: set[str] | None = None) -
     docs = _docs_prefix(config)
     if repo_path == docs or repo_path.startswith(docs + "/"):
         inside = posixpath.relpath(repo_path, docs)
-        if os.path.isdir(os.path.join(_repo_root(config), repo_path)):
-            # a folder of the docs (docs/evidence/runs/): the site gets a page listing its files
-            if found is not None:
+        folder = os.path.join(_repo_root(config), repo_path)
+        if os.path.isdir(folder):
+            index = next((n for n in ("index.md", "README.md") if os.path.isfile(os.path.join(folder, n))), None)
+            if index is None and found is not None:
+                # a folder of the docs without a page (docs/evidence/runs/): the site gets one listing its files
                 found.add(repo_path + "/")
-            inside = posixpath.join(inside, "index.md")
+            inside = posixpath.join(inside, index or "index.md")
         elif src_uri not in _copied:
             return target  # a link inside docs/ from a page of docs/: mkdocs resolves and validates it
         new = posixpath.relpath(inside, virtual_dir or ".")
