@@ -36,7 +36,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
-from . import evaluation, schedule
+from . import evaluation, schedule, selection
 from .binding import TrainerBinding, bind
 from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
@@ -50,6 +50,9 @@ from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
 logger = logging.get_logger(__name__)
+
+#: The row of a post-hoc selection for the best checkpoint's average (``load_best_model_at_end``).
+BEST_CHECKPOINT_EMA = "best_checkpoint_ema"
 
 
 class SEMACallback(TrainerCallback, ExportableState):
@@ -153,6 +156,12 @@ class SEMACallback(TrainerCallback, ExportableState):
     @property
     def last_switch_decision(self) -> bool | None:
         return None if self.core is None else self.core.last_switch_decision
+
+    @property
+    def posthoc_sweep(self) -> selection.PosthocSweep | None:
+        """The table of the post-hoc selection at the end of the last ``train()`` (``posthoc_select``); None
+        before or without one. ``.chosen`` is the label of the weights the model holds."""
+        return None if self.core is None else self.core.last_posthoc_sweep
 
     @property
     def _warmup_steps(self) -> int:
@@ -337,6 +346,10 @@ class SEMACallback(TrainerCallback, ExportableState):
         if self.store is None:
             self._training = False
             return
+        if self.config.posthoc_select is not None:
+            self._training = False
+            self.final_weights_held = self._select_posthoc(args, state, control)
+            return
         final = self.config.final_weights
         if args.load_best_model_at_end and state.best_model_checkpoint:
             # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
@@ -362,6 +375,64 @@ class SEMACallback(TrainerCallback, ExportableState):
             logger.info("SEMA: the model now holds the EMA weights.")
         else:
             logger.info("SEMA: the model keeps its raw weights (final_weights, if_better or the best checkpoint).")
+
+    def _select_posthoc(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> str:
+        """``posthoc_select``: score every candidate with SEMA's own passes over the eval set, put the best into the
+        model, log the table, write ``posthoc_sweep.json`` / ``.png``; returns what the model holds.
+
+        It runs after the Trainer's ``load_best_model_at_end`` (which transformers runs before any callback hears
+        that training ended), so the best checkpoint is one of the candidates: its raw weights are the ``raw`` row,
+        and when its metric measured its average (``evaluate_with="ema"``, or ``eval_ema_*``) that average is the
+        ``best_checkpoint_ema`` row. ``final_weights`` is not used (it must be ``"ema"``, the default) and
+        ``switch_policy="if_better"`` has no end-of-training decision: the raw weights and the classic EMA are
+        candidates of the selection."""
+        core = self._require_core()
+        trainer = self._require_trainer()
+        ignore_keys = self._binding.ignore_keys_for_eval
+        key = evaluation.plain_metric(self.config.posthoc_select)
+        greater = selection.greater_is_better_for(key, args.metric_for_best_model, args.greater_is_better)
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        texts = {
+            selection.RAW: "the raw training weights at the last step",
+            selection.EMA: f"the classic EMA at the last step (decay {core.decay:.6g})",
+        }
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        if best:
+            texts[selection.RAW] = f"the best checkpoint's raw weights ({best}), loaded by load_best_model_at_end"
+            measured = "both" if self._compares_weights() else self.config.evaluate_with
+            if evaluation.weights_behind_best_metric(measured, args.metric_for_best_model) == "ema":
+                if core.has_checkpoint(best):
+                    extra[BEST_CHECKPOINT_EMA] = core.read_averages(best)
+                    texts[BEST_CHECKPOINT_EMA] = (
+                        f"the best checkpoint's average ({best}), which its {args.metric_for_best_model or 'loss'} "
+                        "measured"
+                    )
+        sweep = core.posthoc_sweep(
+            lambda: evaluation.evaluate_weights(trainer, "eval", ignore_keys),
+            metric=key,
+            greater_is_better=greater,
+            extra=extra,
+            descriptions=texts,
+            data=evaluation.describe_eval_data(trainer.eval_dataset),
+        )
+        if sweep.chosen == BEST_CHECKPOINT_EMA:
+            core.write_weights(extra[BEST_CHECKPOINT_EMA])
+            core.posthoc_chosen, core.final_weights_held = sweep.chosen, "ema"
+        else:
+            core.finalize(posthoc=sweep)
+        extra.clear()
+        self._log(sweep.log_values(), state, control)
+        logger.info(
+            f"SEMA: post-hoc selection on {sweep.data} by {sweep.metric} "
+            f"({'higher' if greater else 'lower'} is better) chose {sweep.chosen}:\n{sweep.markdown()}"
+        )
+        if state.is_world_process_zero:
+            selection.write_json(sweep, args.output_dir)
+            try:
+                selection.plot(sweep, args.output_dir)
+            except ImportError:
+                logger.warning(f"SEMA: matplotlib is not installed, so no {selection.SWEEP_PNG} was written.")
+        return core.final_weights_held or "model"
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_folder(self, global_step: int) -> str:

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .selection import parse_grid
+
 WARMUP_KINDS = ("linear", "exp", "none")
 EVALUATE_WITH = ("ema", "model", "both")
 FINAL_WEIGHTS = ("ema", "model")
@@ -164,6 +166,25 @@ class SEMAConfig:
         },
     )
 
+    posthoc_select: str | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the average after training: a metric key (e.g. 'eval_loss', 'eval_accuracy'). At the end "
+            "of train() SEMA evaluates the post-hoc averages of posthoc_grid, the classic EMA and the raw weights on "
+            "the eval set and puts the best into the model (save_model/push_to_hub write it). Direction: "
+            "TrainingArguments.greater_is_better for metric_for_best_model's key, else lower is better for *loss. "
+            "Needs posthoc_every_steps and an eval set."
+        },
+    )
+    posthoc_grid: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The post-hoc targets posthoc_select compares, e.g. sigma_rel=0.07 horizon_epochs=1 "
+            "horizon_steps=500. Default (None): relative widths around the tracked posthoc_sigma_rels and the "
+            "horizons 0.3, 1 and 3 epochs where they are reachable (sema_hf.selection.default_grid)."
+        },
+    )
+
     def __post_init__(self) -> None:
         given = [name for name in HORIZON_FIELDS if getattr(self, name) is not None]
         if len(given) > 1:
@@ -240,6 +261,29 @@ class SEMAConfig:
             self.allow_fresh_ema_on_resume,
             "True or False",
         )
+        _check(
+            self.posthoc_select is None or (isinstance(self.posthoc_select, str) and self.posthoc_select.strip()),
+            "posthoc_select",
+            self.posthoc_select,
+            "None or a metric key such as 'eval_loss'",
+        )
+        if self.posthoc_select is not None:
+            if getattr(self, "posthoc_every_steps", None) is None:
+                raise ValueError(
+                    f"SEMAConfig.posthoc_select = {self.posthoc_select!r} chooses among post-hoc averages, but "
+                    "posthoc_every_steps is None (post-hoc tracking is off): set posthoc_every_steps (e.g. 100, "
+                    "snapshots every 100 optimizer steps) or leave posthoc_select at None."
+                )
+            if self.final_weights != "ema":
+                raise ValueError(
+                    f"SEMAConfig.final_weights = {self.final_weights!r} with posthoc_select = {self.posthoc_select!r}: "
+                    "the selection decides what the model holds at the end (the raw weights are one of its "
+                    "candidates), so final_weights must stay at its default 'ema'; drop one of them."
+                )
+        if self.posthoc_grid is not None:
+            if isinstance(self.posthoc_grid, str):
+                self.posthoc_grid = [self.posthoc_grid]
+            self.posthoc_grid = [target.label for target in parse_grid(self.posthoc_grid)]
         for name in HORIZON_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, float(getattr(self, name)))

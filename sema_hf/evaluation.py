@@ -105,6 +105,21 @@ def weights_behind_best_metric(evaluate_with: str, metric_for_best_model: str | 
     return "model"
 
 
+def describe_eval_data(eval_dataset: Any) -> str:
+    """What SEMA's passes over ``eval_dataset`` read, in words for tables and model cards: ``"eval_dataset (200
+    examples)"``, or each set of a dict."""
+    if isinstance(eval_dataset, dict):
+        return "eval_dataset sets " + ", ".join(f"{name} ({_size(data)})" for name, data in eval_dataset.items())
+    return f"eval_dataset ({_size(eval_dataset)})"
+
+
+def _size(data: Any) -> str:
+    try:
+        return f"{len(data):,} examples"
+    except TypeError:
+        return "an iterable dataset"
+
+
 def rng_kept() -> AbstractContextManager:
     """Restore torch's CPU RNG, and each initialized CUDA device's, on exit."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []

@@ -44,11 +44,12 @@ It knows no Trainer; `SEMACallback` is the Trainer's front-end to the same rules
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -57,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import schedule
+from . import schedule, selection
 from .checkpoint import STATE_NAME, has_ema_checkpoint, load_ema_checkpoint, raise_if_any_rank_failed
 from .checkpoint import save_ema_checkpoint as _save_ema_checkpoint
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
@@ -177,6 +178,8 @@ class SEMA:
         self.last_switch_decision: bool | None = None
         self.steps_since_decision = 0
         self.final_weights_held: str | None = None
+        self.posthoc_chosen: str | None = None  # the label finalize(posthoc=...) put in
+        self.last_posthoc_sweep: selection.PosthocSweep | None = None
         self._swapped = False
         self._fresh_pending = False
         self._entry_group = _entry_check_group(engine)
@@ -217,9 +220,13 @@ class SEMA:
         return self.engine.full_state_dict(self.store.state_dict())
 
     @contextmanager
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self, averages: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
         """Inside the block the model's forward reads the average; the raw weights come back afterwards, bit for
         bit, even when the block raises. The optimizer's fp32 master weights are never touched.
+
+        ``averages``: read these instead of the classic EMA: this rank's tensors keyed like
+        ``sema.store.state_dict()`` (a post-hoc average from `posthoc_average`, a checkpoint's from
+        `read_averages`).
 
         Under ``shard_under_ddp`` and DeepSpeed ZeRO-1/2 entering the block is a collective (the average is
         gathered from every rank's shard), as is any forward under FSDP and ZeRO-3: every rank must enter it.
@@ -233,10 +240,141 @@ class SEMA:
         self._check_every_rank_enters("swapped_in()")
         self._swapped = True
         try:
-            with self.store.swapped_in():
+            with self.store.swapped_in(averages):
                 yield
         finally:
             self._swapped = False
+
+    def write_weights(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Put ``values`` into the model for good, as a switch puts the average: this rank's tensors keyed like
+        ``sema.store.state_dict()`` (a post-hoc average from `posthoc_average`), written into what the optimizer
+        updates and what the forward reads under every engine. Every rank must call it with its own shards (under
+        ``shard_under_ddp`` and ZeRO-1/2 the write ends in a collective). The averages are not changed."""
+        self._refuse_while_swapped("write_weights()")
+        self._fresh_if_pending()
+        self.store.write(values)
+
+    def read_averages(self, folder: str) -> dict[str, torch.Tensor]:
+        """This rank's part of the average saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
+        callback), keyed like ``sema.store.state_dict()`` and re-sharded to this run's layout, without touching
+        this object's state (for `swapped_in` or `write_weights`). Every rank must call it; an error on any rank
+        is raised on every rank."""
+        tensors: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            if not has_ema_checkpoint(folder):
+                raise FileNotFoundError(f"No SEMA EMA state in {folder!r} (no {STATE_NAME}).")
+            tensors, _ = load_ema_checkpoint(folder, self.engine.layout())
+            self.store.check_state_dict(tensors)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+        raise_if_any_rank_failed(error, f"read the EMA saved in {folder!r}")
+        return tensors
+
+    def has_checkpoint(self, folder: str) -> bool:
+        """Whether ``folder`` holds EMA state saved by SEMA (this process's view; no collective)."""
+        return has_ema_checkpoint(folder)
+
+    def posthoc_sweep(
+        self,
+        evaluate: Callable[[], float | Mapping[str, float]],
+        grid: Sequence[str | Mapping[str, Any] | selection.Target] | None = None,
+        *,
+        metric: str | None = None,
+        greater_is_better: bool = False,
+        extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        descriptions: Mapping[str, str] | None = None,
+        data: str = "",
+    ) -> selection.PosthocSweep:
+        """Score the raw weights, the classic EMA and every post-hoc target of ``grid`` with ``evaluate`` and
+        return the table (`sema_hf.selection.PosthocSweep`; ``.chosen`` is the best row's label). Changes nothing:
+        the model holds its raw weights afterwards; ``finalize(posthoc=table)`` puts the chosen weights in.
+
+        Args:
+            evaluate: a function of no argument that scores what the model holds now: a number, or a dict of
+                metrics of which ``metric`` is the score (``Trainer.evaluate``-like; every metric is kept in the
+                table). It runs once per candidate, on every rank (give every rank the same numbers:
+                ``accelerator.gather_for_metrics``); rank 0's choice is taken by every rank.
+            grid: post-hoc targets (``"sigma_rel=0.07"``, ``"horizon_epochs=1"``, ``"horizon_steps=500"``, or
+                dicts such as ``{"sigma_rel": 0.07}``); default: ``config.posthoc_grid``, else
+                `sema_hf.selection.default_grid` around the tracked profiles.
+            metric: the key of ``evaluate``'s dict to rank by (the table's name for a plain number; default
+                ``config.posthoc_select``, else ``"score"``).
+            greater_is_better: the direction of ``metric`` (lower is better by default).
+            extra: further candidates, this rank's tensors by label (e.g. a checkpoint's `read_averages`).
+            descriptions: a row's "what it is" by label, replacing the default text.
+            data: what the scores were measured on, for the table (e.g. ``"validation split, 2000 examples"``).
+
+        Ties go to the raw weights, then the classic EMA, then the grid in order: an average is chosen only when
+        it scores strictly better. Every rank must call this (each candidate is swapped in, a collective under
+        sharded engines).
+        """
+        self._refuse_while_swapped("posthoc_sweep()")
+        self._fresh_if_pending()
+        metric = metric or self.config.posthoc_select or "score"
+        targets = self._posthoc_targets(grid)
+        texts = dict(descriptions or {})
+        rows: list[selection.SweepRow] = []
+
+        def score(label: str, kind: str, description: str, **row: Any) -> None:
+            found = evaluate()
+            metrics = {k: float(v) for k, v in found.items()} if isinstance(found, Mapping) else {}
+            if isinstance(found, Mapping):
+                if metric not in metrics:
+                    raise KeyError(
+                        f"SEMA.posthoc_sweep ranks by metric = {metric!r}, but evaluate() returned no such key; "
+                        f"available: {sorted(metrics)}. Pass metric= (posthoc_select) naming one of them."
+                    )
+                value = metrics[metric]
+            else:
+                value = float(found)
+            rows.append(selection.SweepRow(label, kind, value, texts.get(label, description), metrics=metrics, **row))
+
+        score(selection.RAW, selection.RAW, "the weights the model holds (the raw training weights)")
+        with self.swapped_in():
+            score(
+                selection.EMA,
+                selection.EMA,
+                f"the classic EMA (decay {self.resolved.decay:.6g})",
+                horizon_steps=self.resolved.horizon_steps,
+            )
+        for label, averages in (extra or {}).items():
+            with self.swapped_in(averages):
+                score(label, "average", "an average given to the sweep")
+        for target in targets:
+            averages, report = self.posthoc_average(**target.as_kwargs())
+            with self.swapped_in(averages):
+                score(
+                    target.label,
+                    target.kind,
+                    f"post-hoc average, {target.kind} {target.value:g}",
+                    value=target.value,
+                    horizon_steps=selection.horizon_steps_of(target, self.global_step, self.steps_per_epoch),
+                    fit=_report_dict(report),
+                )
+            del averages
+        best = _rank0_index(selection.choose([row.score for row in rows], greater_is_better))
+        sweep = selection.PosthocSweep(
+            metric=metric,
+            greater_is_better=greater_is_better,
+            rows=rows,
+            chosen=rows[best].label,
+            step=self.global_step,
+            data=data,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.last_posthoc_sweep = sweep
+        return sweep
+
+    def _posthoc_targets(self, grid: Any) -> list[selection.Target]:
+        if grid is None:
+            grid = self.config.posthoc_grid
+        if grid is not None:
+            return selection.parse_grid(grid)
+        total = self.global_step or None
+        return selection.default_grid(
+            getattr(self.config, "posthoc_sigma_rels", None) or (), self.steps_per_epoch, total
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (no tensors). For ``accelerator.register_for_checkpointing(sema)``, which pickles it from
@@ -322,12 +460,21 @@ class SEMA:
         evaluate: Callable[[], float] | None = None,
         *,
         greater_is_better: bool = False,
+        posthoc: selection.PosthocSweep | selection.SweepRow | str | None = None,
     ) -> str:
         """At the end of training: leave in the model the weights ``final_weights`` names, and return which
         (``"ema"`` or ``"model"``). Under ``switch_policy="if_better"`` the average stays out unless it won: the last
-        switch point's decision when no step followed it, else give scores or ``evaluate`` as for `epoch_end`."""
+        switch point's decision when no step followed it, else give scores or ``evaluate`` as for `epoch_end`.
+
+        ``posthoc``: put the weights a post-hoc selection chose in instead, and ignore ``final_weights`` and
+        ``if_better``: a `posthoc_sweep` table (its chosen row), one of its rows, or a label (``"raw"`` keeps the
+        raw weights and returns ``"model"``, ``"ema"`` switches the classic EMA in, a target such as
+        ``"sigma_rel=0.07"`` writes its post-hoc average and returns ``"posthoc"``). ``posthoc_chosen`` records
+        the label."""
         self._refuse_while_swapped("finalize()")
         self._fresh_if_pending()
+        if posthoc is not None:
+            return self._finalize_posthoc(posthoc)
         final = self.config.final_weights
         if final == "ema" and self.config.switch_policy == "if_better":
             if self.steps_since_decision == 0 and self.last_switch_decision is not None:
@@ -337,6 +484,35 @@ class SEMA:
             final = "ema" if better else "model"
         if final == "ema":
             self.store.switch()
+        self.final_weights_held = final
+        return final
+
+    def _finalize_posthoc(self, posthoc: selection.PosthocSweep | selection.SweepRow | str) -> str:
+        if isinstance(posthoc, selection.PosthocSweep):
+            label = posthoc.chosen
+        elif isinstance(posthoc, selection.SweepRow):
+            label = posthoc.label
+        else:
+            label = str(posthoc)
+        if label == selection.RAW:
+            final = "model"
+        elif label == selection.EMA:
+            self.store.switch()
+            final = "ema"
+        else:
+            try:
+                target = selection.parse_target(label)
+            except ValueError:
+                raise ValueError(
+                    f"SEMA.finalize(posthoc={label!r}): not a label finalize can put in: expected 'raw', 'ema' or a "
+                    "post-hoc target such as 'sigma_rel=0.07' (a row the sweep got through extra= is the caller's "
+                    "to write, with write_weights)."
+                ) from None
+            averages, _ = self.posthoc_average(**target.as_kwargs())
+            self.store.write(averages)
+            del averages
+            final = "posthoc"
+        self.posthoc_chosen = label
         self.final_weights_held = final
         return final
 
@@ -597,6 +773,26 @@ def _rank0_decision(better: bool) -> bool:
     t = _flag_tensor(int(better))
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def _rank0_index(index: int) -> int:
+    """Rank 0's choice of row on every rank: ranks that chose differently would hold different weights."""
+    if not _distributed():
+        return index
+    t = _flag_tensor(index)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    """A post-hoc fit report as a JSON-ready dict (it may be a dataclass, a mapping or a number)."""
+    if report is None:
+        return {}
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        report = dataclasses.asdict(report)
+    if isinstance(report, Mapping):
+        return {str(k): (v.tolist() if hasattr(v, "tolist") else v) for k, v in report.items()}
+    return {"report": report.tolist() if hasattr(report, "tolist") else report}
 
 
 def _entry_check_group(engine: EngineAdapter) -> Any | None:
