@@ -427,11 +427,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             f"({'higher' if greater else 'lower'} is better) chose {sweep.chosen}:\n{sweep.markdown()}"
         )
         if state.is_world_process_zero:
-            selection.write_json(sweep, args.output_dir)
-            try:
-                selection.plot(sweep, args.output_dir)
-            except ImportError:
-                logger.warning(f"SEMA: matplotlib is not installed, so no {selection.SWEEP_PNG} was written.")
+            sweep.save(args.output_dir)
         return core.final_weights_held or "model"
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

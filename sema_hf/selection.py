@@ -25,11 +25,14 @@ This module knows neither the Trainer nor the core: tensors and files only (matp
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: The kinds of post-hoc target a grid may name, in the units users set elsewhere (`sema_hf.posthoc`).
 TARGET_KINDS = ("sigma_rel", "horizon_steps", "horizon_epochs")
@@ -202,14 +205,27 @@ class PosthocSweep:
             "step": self.step,
             "data": self.data,
             "steps_per_epoch": self.steps_per_epoch,
-            "rows": [asdict(row) for row in self.rows],
+            # a score that is not a number (a target out of reach) is null: strict JSON has no NaN
+            "rows": [{**asdict(row), "score": row.score if _finite(row.score) else None} for row in self.rows],
         }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PosthocSweep:
         values = dict(values)
-        values["rows"] = [SweepRow(**row) for row in values["rows"]]
+        values["rows"] = [
+            SweepRow(**{**row, "score": math.nan if row["score"] is None else row["score"]}) for row in values["rows"]
+        ]
         return cls(**values)
+
+    def save(self, folder: str) -> list[str]:
+        """Write ``posthoc_sweep.json`` and (with matplotlib installed) ``posthoc_sweep.png`` into ``folder`` (call
+        it on the main process only); returns the paths written."""
+        paths = [write_json(self, folder)]
+        try:
+            paths.append(plot(self, folder))
+        except ImportError:
+            logger.warning(f"SEMA: matplotlib is not installed, so no {SWEEP_PNG} was written.")
+        return paths
 
     def log_values(self) -> dict[str, float]:
         """What the Trainer logs (numbers only, so every reporting integration takes them): each row's score as
@@ -230,7 +246,8 @@ class PosthocSweep:
             else:
                 horizon = f"{row.horizon_steps:.4g}" + (f" ({row.horizon_steps / epochs:.3g})" if epochs else "")
             name = f"**{row.label}** (chosen)" if row.label == self.chosen else row.label
-            lines.append(f"| {name} | {row.description} | {horizon} | {_number(row.score)} |")
+            score = _number(row.score) if _finite(row.score) else "not reached"
+            lines.append(f"| {name} | {row.description} | {horizon} | {score} |")
         return "\n".join(lines)
 
 
@@ -273,7 +290,7 @@ def write_json(sweep: PosthocSweep, folder: str) -> str:
     path = os.path.join(folder, SWEEP_JSON)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sweep.to_dict(), f, indent=2, default=_jsonable)
+        json.dump(sweep.to_dict(), f, indent=2, default=_jsonable, allow_nan=False)
     os.replace(tmp, path)
     return path
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import uuid
 import warnings
@@ -306,12 +307,15 @@ class SEMA:
             data: what the scores were measured on, for the table (e.g. ``"validation split, 2000 examples"``).
 
         Ties go to the raw weights, then the classic EMA, then the grid in order: an average is chosen only when
-        it scores strictly better. Every rank must call this (each candidate is swapped in, a collective under
+        it scores strictly better. A target the snapshots do not reach (`sema_hf.posthoc`: fit error over 5%, too
+        few snapshots) is left out of the default grid; one the caller listed stays in the table, with no score
+        (NaN) and the reason in ``fit["error"]``, and a warning. Every rank must call this (each candidate is swapped in, a collective under
         sharded engines).
         """
         self._refuse_while_swapped("posthoc_sweep()")
         self._fresh_if_pending()
         metric = metric or self.config.posthoc_select or "score"
+        chosen_grid = grid is not None or self.config.posthoc_grid is not None
         targets = self._posthoc_targets(grid)
         texts = dict(descriptions or {})
         rows: list[selection.SweepRow] = []
@@ -342,7 +346,26 @@ class SEMA:
             with self.swapped_in(averages):
                 score(label, "average", "an average given to the sweep")
         for target in targets:
-            averages, report = self.posthoc_average(**target.as_kwargs())
+            try:
+                averages, report = self.posthoc_average(**target.as_kwargs())
+            except ValueError as err:  # out of the snapshots' reach (the same on every rank: the fit is global)
+                if not chosen_grid:
+                    logger.info(f"SEMA: the default post-hoc grid's {target.label} is out of reach: {err}")
+                    continue
+                message = f"SEMA: posthoc_grid's {target.label} cannot be reconstructed, so it is not compared: {err}"
+                logger.warning(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
+                rows.append(
+                    selection.SweepRow(
+                        target.label,
+                        target.kind,
+                        math.nan,
+                        f"post-hoc average, {target.kind} {target.value:g}: out of reach",
+                        value=target.value,
+                        fit={"error": str(err)},
+                    )
+                )
+                continue
             with self.swapped_in(averages):
                 score(
                     target.label,
@@ -788,7 +811,9 @@ def _report_dict(report: Any) -> dict[str, Any]:
     """A post-hoc fit report as a JSON-ready dict (it may be a dataclass, a mapping or a number)."""
     if report is None:
         return {}
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+    if callable(getattr(report, "to_dict", None)):
+        report = report.to_dict()
+    elif dataclasses.is_dataclass(report) and not isinstance(report, type):
         report = dataclasses.asdict(report)
     if isinstance(report, Mapping):
         return {str(k): (v.tolist() if hasattr(v, "tolist") else v) for k, v in report.items()}

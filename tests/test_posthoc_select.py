@@ -8,13 +8,18 @@ import math
 
 import pytest
 import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import PretrainedConfig, Trainer, TrainerCallback
 
-from sema_hf import SEMAConfig
+from sema_hf import SEMA, SEMACallback, SEMAConfig, SEMATrainer
 from sema_hf.engines.base import Slot
+from sema_hf.posthoc import reconstruct
 from sema_hf.selection import (
     PosthocSweep,
     SweepRow,
     Target,
+    _tag,
     choose,
     default_grid,
     greater_is_better_for,
@@ -24,6 +29,8 @@ from sema_hf.selection import (
     write_json,
 )
 from sema_hf.store import EMAStore
+
+from tiny import Pull, tiny_args
 
 
 # ---- the store: arbitrary local values, swapped in or written for good ---------------------------------------------
@@ -155,3 +162,185 @@ def test_posthoc_grid_is_validated_and_kept_in_its_canonical_spelling():
     ]
     with pytest.raises(ValueError, match="posthoc_grid"):
         SEMAConfig(posthoc_grid=["ema"])
+
+
+# ---- the Trainer: selection at the end of train() ------------------------------------------------------------------
+POSTHOC = {"posthoc_every_steps": 4, "posthoc_select": "eval_loss", "horizon_steps": 2.0, "warmup": "none"}
+GRID = ["sigma_rel=0.05", "sigma_rel=0.13", "sigma_rel=0.2", "horizon_steps=8"]
+
+
+class Watch(TrainerCallback):
+    """Listed before SEMA's callback: counts ``on_evaluate`` and keeps the weights the model holds when training
+    ends, before SEMA's selection replaces them."""
+
+    def __init__(self):
+        self.evaluations = 0
+        self.at_train_end: torch.Tensor | None = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluations += 1
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.at_train_end = model.w.detach().clone()
+
+
+def _pull_trainer(tmp_path, callback, *, trainer_cls=Trainer, start=1.0, **overrides):
+    """loss = |w - x|^2 pulled from w = start towards noisy points around 0; the eval set sits at 0, so a weight
+    vector's eval_loss is |w|^2 (the independent reference). Batch 1, SGD: 64 optimizer steps over 2 epochs."""
+    g = torch.Generator().manual_seed(3)
+    data = Dataset.from_dict({"x": torch.randn(32, 4, generator=g).tolist(), "labels": [0.0] * 32})
+    evalset = Dataset.from_dict({"x": [[0.0] * 4] * 4, "labels": [0.0] * 4})
+    values = {"per_device_train_batch_size": 1, "learning_rate": 0.1, "optim": "sgd", **overrides}
+    args = tiny_args(str(tmp_path), **values)
+    return trainer_cls(
+        model=Pull(start), args=args, train_dataset=data, eval_dataset=evalset, callbacks=[Watch(), callback]
+    )
+
+
+def _watch(trainer) -> Watch:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Watch))
+
+
+def _reference_scores(posthoc_dir, sweep: PosthocSweep, raw: torch.Tensor, ema: torch.Tensor) -> dict[str, float]:
+    """Each row's eval_loss recomputed here: |w|^2 of the row's weights, post-hoc ones by `reconstruct` in this
+    one process from the files (not the in-run combination)."""
+    scores = {"raw": float(raw.double().pow(2).sum()), "ema": float(ema.double().pow(2).sum())}
+    for row in sweep.rows:
+        if row.is_posthoc:
+            w = reconstruct(str(posthoc_dir), **row.target.as_kwargs())["w"]
+            scores[row.label] = float(w.double().pow(2).sum())
+    return scores
+
+
+def test_selection_puts_the_best_candidate_into_the_model_and_save_model_writes_it(tmp_path):
+    callback = SEMACallback(switch=False, posthoc_grid=GRID, **POSTHOC)
+    trainer = _pull_trainer(tmp_path, callback)
+    trainer.train()
+    sweep = callback.posthoc_sweep
+    assert [r.label for r in sweep.rows] == ["raw", "ema", *GRID]
+    raw, ema = _watch(trainer).at_train_end, callback.ema_state_dict()["w"]
+    expected = _reference_scores(tmp_path / "sema_posthoc", sweep, raw, ema)
+    for row in sweep.rows:
+        assert row.score == pytest.approx(expected[row.label], rel=1e-5), row.label
+    assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
+    # The pull's bias (from w = 1) and noise make a middle width best: sigma_rel 0.13, between the tracked 0.05 and
+    # 0.10 and beyond, scores 0.089 against 0.145 raw, 0.125 for the classic EMA (H = 2) and 0.121 at 0.2.
+    assert sweep.chosen == "sigma_rel=0.13"
+    trainer.save_model()
+    saved = load_file(str(tmp_path / "model.safetensors"))["w"]
+    chosen = reconstruct(str(tmp_path / "sema_posthoc"), **sweep.chosen_row.target.as_kwargs())["w"]
+    torch.testing.assert_close(saved, chosen, rtol=0, atol=1e-6)
+    assert callback.final_weights_held == "posthoc"
+    assert float(saved.double().pow(2).sum()) == pytest.approx(sweep.chosen_row.score, rel=1e-5)
+
+
+def test_selection_logs_the_table_and_writes_json_and_png_without_an_evaluation_entry(tmp_path):
+    callback = SEMACallback(switch=False, posthoc_grid=GRID, **POSTHOC)
+    trainer = _pull_trainer(tmp_path, callback)
+    trainer.train()
+    sweep = callback.posthoc_sweep
+    entries = [h for h in trainer.state.log_history if "posthoc_eval_loss/chosen" in h]
+    assert len(entries) == 1
+    assert entries[0]["posthoc_eval_loss/chosen"] == sweep.chosen_row.score
+    assert {f"posthoc_eval_loss/{_tag(r.label)}" for r in sweep.rows} <= set(entries[0])
+    # SEMA's own passes: no evaluate() call, no on_evaluate, no eval_* entry in the history.
+    assert _watch(trainer).evaluations == 0
+    assert not any(k.startswith("eval_") for h in trainer.state.log_history for k in h)
+    saved = json.loads((tmp_path / "posthoc_sweep.json").read_text())
+    assert saved["chosen"] == sweep.chosen and saved["metric"] == "eval_loss" and saved["greater_is_better"] is False
+    assert saved["data"] == "eval_dataset (4 examples)"
+    assert (tmp_path / "posthoc_sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_card_names_the_chosen_target_the_data_and_the_table(tmp_path):
+    callback = SEMACallback(switch=False, posthoc_grid=GRID, **POSTHOC)
+    trainer = _pull_trainer(tmp_path, callback, trainer_cls=SEMATrainer)
+    trainer.model.config = PretrainedConfig()  # what the Trainer's card reads
+    trainer.train()
+    trainer.create_model_card()
+    text = (tmp_path / "README.md").read_text()
+    sweep = callback.posthoc_sweep
+    assert f"**`{sweep.chosen}`**" in text and "eval_dataset (4 examples)" in text
+    assert "How these weights were chosen" in text
+    assert all(f"| {row.label} |" in text or f"| **{row.label}** (chosen) |" in text for row in sweep.rows)
+    assert f"| eval_loss | {sweep.chosen_row.score:.4f} |" in text
+    assert "These weights are a post-hoc EMA" in text and "power-function average `sigma_rel=0.13`" in text
+
+
+def test_selection_runs_after_load_best_model_at_end_and_counts_the_best_checkpoint_as_a_candidate(tmp_path):
+    # evaluate_with="ema" (default): the Trainer ranks checkpoints by their average; the best one's average is a
+    # candidate, scored on the same eval set, so its score is the Trainer's best_metric.
+    callback = SEMACallback(switch=False, posthoc_grid=GRID, **POSTHOC)
+    trainer = _pull_trainer(
+        tmp_path,
+        callback,
+        eval_strategy="steps",
+        eval_steps=16,
+        save_strategy="steps",
+        save_steps=16,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer.train()
+    sweep = callback.posthoc_sweep
+    best = sweep.row("best_checkpoint_ema")
+    assert best.score == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    assert trainer.state.best_model_checkpoint in sweep.row("raw").description
+    assert _watch(trainer).evaluations == 4  # the Trainer's own evaluations only
+    assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
+    held = {"raw": "model", "best_checkpoint_ema": "ema", "ema": "ema"}.get(sweep.chosen, "posthoc")
+    assert callback.final_weights_held == held
+
+
+def test_selection_without_an_eval_set_is_refused_before_training(tmp_path):
+    callback = SEMACallback(switch=False, **POSTHOC)
+    trainer = _pull_trainer(tmp_path, callback)
+    trainer.eval_dataset = None
+    with pytest.raises(ValueError, match="posthoc_select = 'eval_loss'.*no eval_dataset"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_posthoc_select_with_final_weights_model_is_refused_naming_both():
+    with pytest.raises(ValueError, match="final_weights = 'model' with posthoc_select"):
+        SEMAConfig(final_weights="model", **POSTHOC)
+
+
+# ---- a loop: posthoc_sweep, then finalize(posthoc=...) -------------------------------------------------------------
+def test_loop_posthoc_sweep_returns_the_table_and_finalize_puts_the_chosen_weights_in(tmp_path):
+    torch.manual_seed(0)
+    model = Pull(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sema = SEMA(model, optimizer, posthoc_dir=str(tmp_path), posthoc_every_steps=4, horizon_steps=2.0, warmup="none")
+    g = torch.Generator().manual_seed(3)
+    for x in torch.randn(64, 4, generator=g):
+        optimizer.zero_grad()
+        model(x[None])["loss"].backward()
+        optimizer.step()
+        sema.step()
+    raw = model.w.detach().clone()
+
+    def evaluate() -> float:
+        return float(model.w.detach().double().pow(2).sum())
+
+    with pytest.warns(UserWarning, match="sigma_rel=0.005 cannot be reconstructed"):
+        sweep = sema.posthoc_sweep(evaluate, grid=[*GRID, "sigma_rel=0.005"])
+    assert torch.equal(model.w.detach(), raw)  # the sweep changes nothing
+    assert sweep.metric == "score" and [r.label for r in sweep.rows] == ["raw", "ema", *GRID, "sigma_rel=0.005"]
+    unreached = sweep.rows.pop()  # too narrow for snapshots every 4 steps: listed, not scored, never chosen
+    assert math.isnan(unreached.score) and "outside the range" in unreached.fit["error"]
+    assert sweep.row("raw").score == evaluate()
+    expected = _reference_scores(tmp_path, sweep, raw, sema.ema_state_dict()["w"])
+    for row in sweep.rows:
+        assert row.score == pytest.approx(expected[row.label], rel=1e-5)
+    held = sema.finalize(posthoc=sweep)
+    assert sema.posthoc_chosen == sweep.chosen
+    if sweep.chosen_row.is_posthoc:
+        assert held == "posthoc"
+        w = reconstruct(str(tmp_path), **sweep.chosen_row.target.as_kwargs())["w"]
+        torch.testing.assert_close(model.w.detach(), w, rtol=0, atol=1e-6)
+    # A label works as well: the tracked width itself, written for good (optimizer included).
+    sema.finalize(posthoc="sigma_rel=0.1")
+    torch.testing.assert_close(model.w.detach(), reconstruct(str(tmp_path), sigma_rel=0.1)["w"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not a label finalize can put in"):
+        sema.finalize(posthoc="best_checkpoint_ema")
