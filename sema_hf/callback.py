@@ -36,7 +36,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
-from . import evaluation, schedule, selection
+from . import evaluation, posthoc, schedule, selection
 from .binding import TrainerBinding, bind
 from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
@@ -265,7 +265,8 @@ class SEMACallback(TrainerCallback, ExportableState):
                 f"{engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
                 "or pass landscape=None."
             )
-        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps)
+        posthoc_dir = os.path.join(self._binding.output_dir(args.output_dir), posthoc.FOLDER_NAME)
+        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps, posthoc_dir=posthoc_dir)
         self.core.global_step = state.global_step
         if state.global_step > 0:
             self._resume(args, state)
@@ -346,6 +347,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         if self.store is None:
             self._training = False
             return
+        self._require_core().posthoc_snapshot()  # the last step's post-hoc snapshot (no-op when off)
         if self.config.posthoc_select is not None:
             self._training = False
             self.final_weights_held = self._select_posthoc(args, state, control)

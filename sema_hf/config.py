@@ -17,6 +17,9 @@ WARMUP_KINDS = ("linear", "exp", "none")
 EVALUATE_WITH = ("ema", "model", "both")
 FINAL_WEIGHTS = ("ema", "model")
 SWITCH_POLICIES = ("always", "if_better")
+POSTHOC_DTYPES = ("float32", "bfloat16")
+# sigma_rel of a power-function profile with exponent 0 (sema_hf.posthoc.SIGMA_REL_MAX): tracked profiles stay below.
+POSTHOC_SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
 HORIZON_FIELDS = ("decay", "horizon_epochs", "horizon_steps")
 # The horizon used when none of decay / horizon_steps / horizon_epochs is given. Chosen on docs/evidence study v1
 # (a ViT from scratch on MNIST, 40 epochs of 8 steps, 3 seeds), whose horizon trend for SEMA (-1.5 +- 4.0 points at
@@ -158,6 +161,30 @@ class SEMAConfig:
             "(no communication per update; one all-gather per switch or evaluation)."
         },
     )
+    posthoc_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Post-hoc EMA: also track power-function EMA profiles (posthoc_sigma_rels) of every rank's shard "
+            "and snapshot them every N optimizer steps and at the end, so that any averaging horizon can be "
+            "reconstructed after training (sema_hf.posthoc). None (default): off. About run length / 64 or less."
+        },
+    )
+    posthoc_sigma_rels: tuple[float, ...] = field(
+        default=(0.05, 0.10),
+        metadata={
+            "help": "Relative widths of the tracked power-function profiles (EDM2's 0.05 and 0.10), each in "
+            "(0, 0.288); an exponential EMA of horizon H at step T resembles sigma_rel ~ H / T.",
+            "nargs": "+",
+        },
+    )
+    posthoc_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the post-hoc snapshot files: 'float32' or 'bfloat16' (half the bytes; rounding is "
+            "amplified by the fit's weights). The tracked profiles are always fp32.",
+            "choices": list(POSTHOC_DTYPES),
+        },
+    )
     allow_fresh_ema_on_resume: bool = field(
         default=False,
         metadata={
@@ -262,13 +289,31 @@ class SEMAConfig:
             "True or False",
         )
         _check(
+            self.posthoc_every_steps is None or (_is_int(self.posthoc_every_steps) and self.posthoc_every_steps >= 1),
+            "posthoc_every_steps",
+            self.posthoc_every_steps,
+            "None (off) or an int >= 1 (optimizer steps between snapshots)",
+        )
+        sigmas = _numbers_from_flags(self.posthoc_sigma_rels)
+        _check(
+            isinstance(sigmas, tuple | list)
+            and len(sigmas) >= 1
+            and all(_is_number(s) and 0.0 < s < POSTHOC_SIGMA_REL_MAX for s in sigmas)
+            and len(set(sigmas)) == len(sigmas),
+            "posthoc_sigma_rels",
+            sigmas,
+            f"a non-empty tuple of distinct numbers in (0, {POSTHOC_SIGMA_REL_MAX:.4f}), e.g. (0.05, 0.10)",
+        )
+        self.posthoc_sigma_rels = tuple(float(s) for s in sigmas)
+        _check(self.posthoc_dtype in POSTHOC_DTYPES, "posthoc_dtype", self.posthoc_dtype, f"one of {POSTHOC_DTYPES}")
+        _check(
             self.posthoc_select is None or (isinstance(self.posthoc_select, str) and self.posthoc_select.strip()),
             "posthoc_select",
             self.posthoc_select,
             "None or a metric key such as 'eval_loss'",
         )
         if self.posthoc_select is not None:
-            if getattr(self, "posthoc_every_steps", None) is None:
+            if self.posthoc_every_steps is None:
                 raise ValueError(
                     f"SEMAConfig.posthoc_select = {self.posthoc_select!r} chooses among post-hoc averages, but "
                     "posthoc_every_steps is None (post-hoc tracking is off): set posthoc_every_steps (e.g. 100, "
@@ -322,6 +367,25 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers_from_flags(values: Any) -> Any:
+    """``posthoc_sigma_rels`` as numbers. HfArgumentParser calls the annotation on every command-line value
+    (``tuple[float, ...]("0.05")`` gives the characters ``('0', '.', '0', '5')``): join such values back and parse
+    them; anything else is returned for validation as is."""
+    if not isinstance(values, tuple | list):
+        return values
+    out = []
+    for v in values:
+        if isinstance(v, tuple | list) and v and all(isinstance(c, str) for c in v):
+            v = "".join(v)
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                return values
+        out.append(v)
+    return type(values)(out)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
