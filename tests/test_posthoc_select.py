@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -30,7 +32,15 @@ from sema_hf.selection import (
 )
 from sema_hf.store import EMAStore
 
+from launch import run_torchrun
 from tiny import Pull, tiny_args
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+from posthoc_select_worker import GRID as SHARDED_GRID  # noqa: E402
+from sharded_setup import eval_dataset, tiny_gpt2  # noqa: E402
+
+# engine under test -> the adapter name it must pick
+SHARDED = {"fsdp2": "fsdp2", "zero3": "deepspeed-zero3"}  # FSDP first: DeepSpeed leaves its environment set
 
 
 # ---- the store: arbitrary local values, swapped in or written for good ---------------------------------------------
@@ -344,3 +354,54 @@ def test_loop_posthoc_sweep_returns_the_table_and_finalize_puts_the_chosen_weigh
     torch.testing.assert_close(model.w.detach(), reconstruct(str(tmp_path), sigma_rel=0.1)["w"], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="not a label finalize can put in"):
         sema.finalize(posthoc="best_checkpoint_ema")
+
+
+# ---- 2 ranks: each rank combines its own shards, the winner is written into every rank's shard ---------------------
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("posthoc_select")
+    run_torchrun("tests/dist/posthoc_select_worker.py", str(out), *SHARDED, timeout=300)
+    return {
+        engine: {
+            "dir": out / engine,
+            "ranks": [json.loads((out / engine / f"result_rank{r}.json").read_text()) for r in range(2)],
+        }
+        for engine in SHARDED
+    }
+
+
+def _one_process_eval_loss(state: dict[str, torch.Tensor]) -> float:
+    """The eval_loss of full weights, computed here in one process: every eval sequence has the same length and
+    every rank's batch the same size, so the Trainer's mean of batch losses is the mean token loss of the set."""
+    model = tiny_gpt2()
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"}  # tied to the embedding, saved once
+    ids = torch.tensor(eval_dataset()["input_ids"])
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("engine", SHARDED)
+def test_selection_under_a_sharded_engine_chooses_on_every_rank_alike_and_saves_the_winner(engine, sharded):
+    ranks, folder = sharded[engine]["ranks"], sharded[engine]["dir"]
+    assert ranks[0]["engine"] == SHARDED[engine]
+    assert ranks[0]["sweep"] == ranks[1]["sweep"]  # the same scores and choice on both ranks
+    sweep = PosthocSweep.from_dict(ranks[0]["sweep"])
+    assert json.loads((folder / "posthoc_sweep.json").read_text()) == ranks[0]["sweep"]
+    assert [r.label for r in sweep.rows] == ["raw", "ema", *SHARDED_GRID]
+    assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
+    # Each post-hoc row: the 2-rank files reconstructed in this one process, evaluated here, score as in the run.
+    for row in sweep.rows:
+        if row.is_posthoc:
+            state = reconstruct(str(folder / "sema_posthoc"), **row.target.as_kwargs())
+            assert _one_process_eval_loss(state) == pytest.approx(row.score, rel=1e-4), row.label
+    # The winner is what save_model wrote (gathered from both ranks' shards) and what every rank's shards hold.
+    saved = load_file(str(folder / "saved" / "model.safetensors"))
+    assert _one_process_eval_loss(saved) == pytest.approx(sweep.chosen_row.score, rel=1e-4)
+    if sweep.chosen_row.is_posthoc:
+        chosen = reconstruct(str(folder / "sema_posthoc"), **sweep.chosen_row.target.as_kwargs())
+        for name, value in chosen.items():
+            torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for result in ranks:
+        assert result["source_vs_compute"] == 0.0
