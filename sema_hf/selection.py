@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: The kinds of post-hoc target a grid may name, in the units users set elsewhere (`sema_hf.posthoc`).
 TARGET_KINDS = ("sigma_rel", "horizon_steps", "horizon_epochs")
+#: A power-function profile's relative width stays below 1/sqrt(12) (its value at exponent 0).
+SIGMA_REL_LIMIT = 12**-0.5
 #: The candidates every sweep compares besides the grid.
 RAW = "raw"
 EMA = "ema"
@@ -114,31 +116,29 @@ def default_grid(
     total_steps: int | None = None,
 ) -> list[Target]:
     """The grid a sweep uses when ``posthoc_grid`` is None: relative widths around the tracked profiles, and the
-    horizons users set elsewhere.
+    horizons users set elsewhere. `SEMA.posthoc_sweep` then leaves out every target the snapshots do not reach
+    (`sema_hf.posthoc`: fit error over 5%), so the grid may be generous.
 
-    * ``sigma_rel``: the tracked ones, the two midpoints between the smallest and the largest (geometric), and one
-      step beyond each end by the same ratio, e.g. tracked (0.05, 0.10) -> 0.0397, 0.05, 0.063, 0.0794, 0.10, 0.126:
-      EDM2 (Karras et al. 2024, fig. 5) reconstructs widths from 0.5x the smallest to 2x the largest tracked one
-      from two profiles; the grid stays inside that.
-    * ``horizon_epochs`` 0.3, 1 and 3 (the study's horizons, docs/evidence), when the epoch's length is known and
-      the horizon lies inside that reachable band: an exponential EMA of horizon H steps has a standard deviation
-      of about H steps, a power profile one of ``sigma_rel * t`` at step t, so H is reachable when
-      ``H / total_steps`` lies in it (`sema_hf.posthoc` documents how accurately).
+    * ``sigma_rel``: the tracked widths and steps of sqrt(2) from half the smallest to twice the largest, e.g.
+      tracked (0.05, 0.10) -> 0.025, 0.0354, 0.05, 0.0707, 0.1, 0.141, 0.2. `sema_hf.posthoc` measured that
+      snapshots every T/64 (or closer) reach 0.02 to 0.25 within 1.5% from (0.05, 0.10).
+    * ``horizon_epochs`` 0.3, 1 and 3 (the horizons of the study, docs/evidence) when the epoch's length is known
+      and the horizon is shorter than the run: an exponential EMA of horizon H steps at step T resembles
+      ``sigma_rel ~ H / T``, reached from about 0.02 T to 0.3 T (`sema_hf.posthoc`).
     """
     tracked = sorted(float(s) for s in tracked_sigma_rels)
     if not tracked:
         raise ValueError("default_grid needs the tracked sigma_rels (SEMAConfig.posthoc_sigma_rels).")
     low, high = tracked[0], tracked[-1]
-    ratio = (high / low) ** (1 / 3) if high > low else 2**0.5
     widths = set(tracked)
-    widths.update(low * ratio**k for k in (-1, 1, 2))
-    widths.add(high * ratio)
-    widths = sorted(float(f"{w:.3g}") for w in widths if low / 2 <= w <= min(2 * high, 0.49))
-    grid = [Target("sigma_rel", w) for w in widths]
-    if steps_per_epoch and total_steps:
+    k = -2
+    while low * 2 ** (k / 2) <= min(2 * high, SIGMA_REL_LIMIT) * (1 + 1e-9):
+        widths.add(float(f"{low * 2 ** (k / 2):.3g}"))
+        k += 1
+    grid = [Target("sigma_rel", w) for w in sorted(widths)]
+    if steps_per_epoch:
         for epochs in (0.3, 1.0, 3.0):
-            relative = epochs * steps_per_epoch / total_steps
-            if widths[0] <= relative <= widths[-1]:
+            if total_steps is None or epochs * steps_per_epoch < total_steps:
                 grid.append(Target("horizon_epochs", epochs))
     return grid
 

@@ -95,14 +95,21 @@ def test_targets_parse_from_strings_and_dicts_and_bad_ones_name_the_allowed_spel
         parse_grid([])
 
 
-def test_default_grid_spans_the_tracked_widths_and_keeps_horizons_inside_them():
-    grid = default_grid((0.05, 0.10), steps_per_epoch=100, total_steps=2000)
-    widths = [t.value for t in grid if t.kind == "sigma_rel"]
-    assert widths == sorted(widths) and 0.05 in widths and 0.1 in widths
-    assert widths[0] == pytest.approx(0.05 / 2 ** (1 / 3), rel=1e-2) and widths[-1] == pytest.approx(0.126, rel=1e-2)
-    # 1 epoch of 20 is 0.05 of the run: inside [0.0397, 0.126]; 0.3 epoch (0.015) and 3 epochs (0.15) are not.
-    assert [t.label for t in grid if t.kind == "horizon_epochs"] == ["horizon_epochs=1"]
+def test_default_grid_spans_half_the_smallest_to_twice_the_largest_width_and_the_study_horizons():
+    grid = default_grid((0.05, 0.10), steps_per_epoch=100, total_steps=250)
+    assert [t.label for t in grid] == [
+        "sigma_rel=0.025",
+        "sigma_rel=0.0354",
+        "sigma_rel=0.05",
+        "sigma_rel=0.0707",
+        "sigma_rel=0.1",
+        "sigma_rel=0.141",
+        "sigma_rel=0.2",
+        "horizon_epochs=0.3",
+        "horizon_epochs=1",  # 3 epochs is longer than the 2.5-epoch run
+    ]
     assert all(t.kind == "sigma_rel" for t in default_grid((0.05, 0.10)))  # no epoch length: widths only
+    assert [t.value for t in default_grid((0.2,))] == [0.1, 0.141, 0.2, 0.283]  # below 1/sqrt(12) = 0.2887
 
 
 def test_choose_takes_the_best_score_ties_go_to_the_earlier_row_and_nan_never_wins():
@@ -343,6 +350,11 @@ def test_loop_posthoc_sweep_returns_the_table_and_finalize_puts_the_chosen_weigh
     expected = _reference_scores(tmp_path, sweep, raw, sema.ema_state_dict()["w"])
     for row in sweep.rows:
         assert row.score == pytest.approx(expected[row.label], rel=1e-5)
+    default = sema.posthoc_sweep(evaluate)  # the default grid, less what the snapshots do not reach
+    labels = [r.label for r in default.rows]
+    assert labels[:2] == ["raw", "ema"] and {"sigma_rel=0.05", "sigma_rel=0.1"} <= set(labels)
+    assert set(labels[2:]) <= {t.label for t in default_grid((0.05, 0.10))}
+    assert all(math.isfinite(r.score) for r in default.rows)
     held = sema.finalize(posthoc=sweep)
     assert sema.posthoc_chosen == sweep.chosen
     if sweep.chosen_row.is_posthoc:
