@@ -20,7 +20,10 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
     on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint)
     on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
                        before the Trainer's own save, so that rotation and Hub uploads see it complete)
-    on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it
+    on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it;
+                       with posthoc_select, after the Trainer's load_best_model_at_end: score the post-hoc grid,
+                       the classic EMA and the raw weights (and the best checkpoint's average) with SEMA's own
+                       passes, put the best in, log the table, write posthoc_sweep.json / .png (`selection`)
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ class SEMACallback(TrainerCallback, ExportableState):
     every switch point. Then ``eval_*`` are the numbers of the weights the model holds after the switch point's
     decision, which the checkpoint saved next holds: what ``load_best_model_at_end``, ``EarlyStoppingCallback``
     and a search objective rank.
+
+    Post-hoc selection (``posthoc_select="eval_loss"`` with ``posthoc_every_steps``): when ``train()`` ends, SEMA
+    scores every candidate on the eval set with its own passes through the Trainer's evaluation loop (no
+    ``evaluate()``, no ``on_evaluate``, no ``eval_*`` log entry): the post-hoc averages of ``posthoc_grid``, the
+    classic EMA and the raw weights. The best goes into the model, so ``save_model()`` and ``push_to_hub()`` write
+    it; the table is logged (``posthoc_<metric>/<candidate>``, ``posthoc_<metric>/chosen``), written to
+    ``output_dir/posthoc_sweep.json`` and ``.png``, kept as `posthoc_sweep` and described in `SEMATrainer`'s model
+    card. Order: the Trainer's ``load_best_model_at_end`` runs first (transformers loads the best checkpoint before
+    any callback hears that training ended), so the best checkpoint competes: its raw weights are the ``raw``
+    candidate, and its average is ``best_checkpoint_ema`` when its metric measured the average. The selection then
+    decides alone: ``final_weights`` must stay ``"ema"`` and ``switch_policy="if_better"`` makes no end decision
+    (the raw weights and the classic EMA are candidates). Ties go to the raw weights, then the classic EMA.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SEMACallback:
@@ -111,7 +126,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         checkpoint identities: the process that writes a checkpoint's ``trainer_state.json`` also writes its
         ``sema_state.json``, so both carry it) and the Trainer-side bookkeeping."""
         self.core: SEMA | None = None
-        # Which weights the model holds after train() ("ema" or "model"), so what save_model() writes; None before.
+        # Which weights the model holds after train() ("ema", "model", or "posthoc" for a post-hoc average chosen by
+        # posthoc_select), so what save_model() writes; None before.
         self.final_weights_held: str | None = None
         self._binding = TrainerBinding(None)
         self._args: TrainingArguments | None = None
@@ -409,13 +425,14 @@ class SEMACallback(TrainerCallback, ExportableState):
                         f"the best checkpoint's average ({best}), which its {args.metric_for_best_model or 'loss'} "
                         "measured"
                     )
+        only = evaluation.eval_set_named(key, trainer.eval_dataset)  # a dict of sets: only the one chosen on
         sweep = core.posthoc_sweep(
-            lambda: evaluation.evaluate_weights(trainer, "eval", ignore_keys),
+            lambda: evaluation.evaluate_weights(trainer, "eval", ignore_keys, only=only),
             metric=key,
             greater_is_better=greater,
             extra=extra,
             descriptions=texts,
-            data=evaluation.describe_eval_data(trainer.eval_dataset),
+            data=evaluation.describe_eval_data(trainer.eval_dataset, only),
         )
         if sweep.chosen == BEST_CHECKPOINT_EMA:
             core.write_weights(extra[BEST_CHECKPOINT_EMA])

@@ -33,6 +33,11 @@ In a loop::
         accelerator.save_state("ckpt")   # carries every rank's EMA shard (load_state restores it bit for bit)
     sema.finalize()                      # the model holds the average (final_weights="ema")
 
+With post-hoc tracking (``posthoc_every_steps``, ``posthoc_dir``) the average can also be chosen after training::
+
+    table = sema.posthoc_sweep(evaluate)  # score the raw weights, the classic EMA, the post-hoc grid (every rank)
+    sema.finalize(posthoc=table)         # the model holds the best of them; table.save(dir) writes JSON and plot
+
 Engines: one process, DDP (``shard_under_ddp`` too), FSDP1/FSDP2 and DeepSpeed ZeRO-1/2/3 as prepared by
 ``accelerate``; each rank averages exactly what its optimizer updates (`sema_hf.engines`), with no communication
 per update. Every rank must call every method (``step``, ``epoch_end``, ``swapped_in``, ``ema_state_dict``,

@@ -331,7 +331,8 @@ def test_posthoc_select_chooses_on_the_validation_digits_and_saves_the_choice(ca
     (callback,) = captured
     assert callback.config.posthoc_select == "eval_validation_loss"  # never chosen on the test digits it reports
     sweep = callback.posthoc_sweep
-    assert sweep.data.startswith("eval_dataset sets validation (16 examples), test (32 examples)")
+    assert sweep.data == "eval_dataset['validation'] (16 examples)"  # the test digits are not even evaluated
+    assert all(set(row.metrics) == {"eval_validation_loss", "eval_validation_accuracy"} for row in sweep.rows)
     assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
     # The script's evaluation after training reads the model as saved: the chosen candidate.
     assert metrics["eval_validation_loss"] == pytest.approx(sweep.chosen_row.score, abs=1e-5)

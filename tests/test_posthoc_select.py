@@ -318,6 +318,15 @@ def test_selection_without_an_eval_set_is_refused_before_training(tmp_path):
     assert trainer.state.global_step == 0
 
 
+def test_selection_with_several_eval_sets_must_name_the_one_it_chooses_on(tmp_path):
+    callback = SEMACallback(switch=False, **POSTHOC)
+    trainer = _pull_trainer(tmp_path, callback)
+    trainer.eval_dataset = {"val": trainer.eval_dataset, "test": trainer.eval_dataset}
+    with pytest.raises(ValueError, match="must name the one to choose on, e.g. 'eval_val_loss'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_posthoc_select_with_final_weights_model_is_refused_naming_both():
     with pytest.raises(ValueError, match="final_weights = 'model' with posthoc_select"):
         SEMAConfig(final_weights="model", **POSTHOC)
