@@ -317,6 +317,10 @@ def plot(sweep: PosthocSweep, folder: str) -> str:
             color="tab:blue",
             label="post-hoc average",
         )
+        for r in posthoc:
+            ax.annotate(
+                r.label, (r.horizon_steps / scale, r.score), fontsize=6, xytext=(3, 4), textcoords="offset points"
+            )
     styles = iter(["tab:gray", "tab:green", "tab:purple", "tab:brown"])
     for row in sweep.rows:
         if row.is_posthoc:
