@@ -1,6 +1,7 @@
 """Post-hoc EMA on 2 gloo ranks (``tests/dist/posthoc_worker.py``, one launch): under DeepSpeed ZeRO-3, FSDP2 and
 ``shard_under_ddp`` each rank writes only its shard, the 2-rank snapshots reconstruct in this one process equal to
-the one-process run's, and each rank's in-run average (its own files only) is its slice of that reconstruction."""
+the one-process run's, each rank's in-run average (its own files only) is its slice of that reconstruction, and the
+profiles saved in a 2-rank checkpoint re-shard onto one process."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import Trainer
 
-from sema_hf import SEMACallback
+from sema_hf import SEMA, SEMACallback
 from sema_hf.posthoc import reconstruct, snapshot_file_name
 
 from launch import run_torchrun
@@ -86,3 +87,15 @@ def test_in_run_average_of_each_rank_is_its_slice_of_the_reconstruction(engine, 
                 torch.testing.assert_close(
                     f.get_tensor(name).reshape(-1), full[name].reshape(-1)[a:b], rtol=0, atol=1e-7
                 )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_rank_checkpoint_of_the_profiles_reshards_onto_one_process(engine, runs, tmp_path):
+    core = SEMA(tiny_gpt2(), decay=0.8, warmup="none", posthoc_every_steps=2, posthoc_dir=str(tmp_path))
+    core.load(str(runs / engine / "run" / "checkpoint-6"))
+    assert core.profiles.t == 6 and core.posthoc_steps == [2, 4, 6]
+    for k, sigma_rel in enumerate((0.05, 0.10)):
+        expected = reconstruct(str(runs / engine / "run"), sigma_rel=sigma_rel, step=6)  # that snapshot, exactly
+        assert expected.report.exact
+        for name, value in core.profiles.state_dict()[k].items():
+            assert torch.equal(value, expected[name]), (engine, k, name)

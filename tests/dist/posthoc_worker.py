@@ -2,7 +2,8 @@
 
 Usage: ``posthoc_worker.py OUT_DIR ENGINE [ENGINE...]`` with ENGINE ``zero3``, ``fsdp2`` (keys of
 ``sharded_setup.ENGINES``) or ``ddp-sharded`` (DDP with ``shard_under_ddp``). Each run trains the tiny GPT-2 for 12
-steps with ``SEMACallback(posthoc_every_steps=2)``; its snapshots go to ``OUT_DIR/ENGINE/run/sema_posthoc/``. Then,
+steps with ``SEMACallback(posthoc_every_steps=2)`` and checkpoints at steps 6 and 12; its snapshots go to
+``OUT_DIR/ENGINE/run/sema_posthoc/``. Then,
 inside the run, each rank combines its own shards for ``sigma_rel = 0.07`` (`SEMA.posthoc_average`, no gather) and
 writes them with their piece ranges to ``OUT_DIR/ENGINE/average_rank{r}.safetensors``, and the snapshot files it
 wrote itself to ``OUT_DIR/ENGINE/written_rank{r}.json``.
@@ -27,6 +28,7 @@ from sharded_setup import ENGINES, SEMA_KWARGS, eval_dataset, pattern_dataset, t
 from sema_hf import SEMACallback  # noqa: E402
 
 POSTHOC = {"posthoc_every_steps": 2}
+CHECKPOINT = {"save_strategy": "steps", "save_steps": 6}  # checkpoint-6 and checkpoint-12 carry the profiles
 
 
 def run(out_dir: str, engine: str) -> None:
@@ -34,9 +36,10 @@ def run(out_dir: str, engine: str) -> None:
     folder = os.path.join(out_dir, engine)
     os.makedirs(folder, exist_ok=True)
     if engine == "ddp-sharded":
-        args, trainer_class, extra = training_args(os.path.join(folder, "run"), world), Trainer, {"shard_under_ddp": True}
+        args = training_args(os.path.join(folder, "run"), world, **CHECKPOINT)
+        trainer_class, extra = Trainer, {"shard_under_ddp": True}
     else:
-        args = training_args(os.path.join(folder, "run"), world, engine)
+        args = training_args(os.path.join(folder, "run"), world, engine, **CHECKPOINT)
         trainer_class, extra = (FSDPTrainer if ENGINES[engine][0] == "fsdp" else Trainer), {}
     sema = SEMACallback(**SEMA_KWARGS, **POSTHOC, **extra)
     trainer = trainer_class(
