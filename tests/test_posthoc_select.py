@@ -284,10 +284,14 @@ def test_model_card_names_the_chosen_target_the_data_and_the_table(tmp_path):
     assert "These weights are a post-hoc EMA" in text and "power-function average `sigma_rel=0.13`" in text
 
 
-def test_selection_runs_after_load_best_model_at_end_and_counts_the_best_checkpoint_as_a_candidate(tmp_path):
-    # evaluate_with="ema" (default): the Trainer ranks checkpoints by their average; the best one's average is a
-    # candidate, scored on the same eval set, so its score is the Trainer's best_metric.
-    callback = SEMACallback(switch=False, posthoc_grid=GRID, **POSTHOC)
+@pytest.mark.parametrize("evaluate_with, measured_row", [("ema", "best_checkpoint_ema"), ("model", "raw")])
+def test_selection_runs_after_load_best_model_at_end_and_counts_the_best_checkpoint_as_a_candidate(
+    tmp_path, evaluate_with, measured_row
+):
+    # The Trainer ranks checkpoints by the weights evaluate_with names: their average ("ema", the default) or their
+    # raw weights ("model"). Those weights of the best checkpoint are a candidate, scored on the same eval set, so
+    # their score is the Trainer's best_metric; the raw row is the best checkpoint's raw weights the Trainer loaded.
+    callback = SEMACallback(switch=False, posthoc_grid=GRID, evaluate_with=evaluate_with, **POSTHOC)
     trainer = _pull_trainer(
         tmp_path,
         callback,
@@ -300,8 +304,8 @@ def test_selection_runs_after_load_best_model_at_end_and_counts_the_best_checkpo
     )
     trainer.train()
     sweep = callback.posthoc_sweep
-    best = sweep.row("best_checkpoint_ema")
-    assert best.score == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    assert sweep.row(measured_row).score == pytest.approx(trainer.state.best_metric, rel=1e-6)
+    assert ("best_checkpoint_ema" in [r.label for r in sweep.rows]) == (evaluate_with == "ema")
     assert trainer.state.best_model_checkpoint in sweep.row("raw").description
     assert _watch(trainer).evaluations == 4  # the Trainer's own evaluations only
     assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
