@@ -240,6 +240,32 @@ def with_example_switch_policy(
     return config.replace(switch_policy=policy)
 
 
+def posthoc_select_on_validation(config: SEMAConfig, eval_dataset: Any) -> SEMAConfig:
+    """``--posthoc_select eval_accuracy`` with the eval sets ``{"validation", "test"}`` chooses on the validation
+    set (``eval_validation_accuracy``): the test set must stay unseen by the choice it reports on."""
+    select = config.posthoc_select
+    if select is None or not isinstance(eval_dataset, dict) or "validation" not in eval_dataset:
+        return config
+    key = select if select.startswith("eval_") else f"eval_{select}"
+    if any(key.startswith(f"eval_{name}_") for name in eval_dataset):
+        return config
+    chosen = f"eval_validation_{key[len('eval_') :]}"
+    logger.info(f"SEMA posthoc_select={chosen!r}: the post-hoc average is chosen on the validation set, not on test.")
+    return config.replace(posthoc_select=chosen)
+
+
+def weights_held_label(held: str | None, posthoc_chosen: str | None = None) -> str:
+    """What the saved model holds, in the words of the examples' final line."""
+    if posthoc_chosen is not None:
+        return {"raw": "raw weights", "ema": "EMA weights"}.get(
+            posthoc_chosen, posthoc_chosen
+        ) + ", chosen after training"
+    return {
+        "ema": "EMA weights",
+        "model": "raw weights (final_weights='model', if_better or the best checkpoint)",
+    }.get(held or "", "weights as loaded (no training)")
+
+
 def sema_callback_for(mode: str, config: SEMAConfig) -> SEMACallback | None:
     """The callback for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None."""
     if mode == "none":

@@ -62,6 +62,7 @@ from example_utils import (
     sema_callback_for,
     setup_logging,
     to_sema_config,
+    weights_held_label,
     with_example_switch_policy,
 )
 from transformers import (
@@ -709,10 +710,8 @@ def _model_label(model_args: ModelArguments) -> str:
 def _weights_label(mode: str, callback: SEMACallback | None) -> str:
     if mode == "none" or callback is None:
         return "Model (no averaging)"
-    held = {
-        "ema": "EMA weights",
-        "model": "raw weights (final_weights='model', if_better or the best checkpoint)",
-    }.get(callback.final_weights_held, "weights as loaded (no training)")
+    sweep = callback.posthoc_sweep
+    held = weights_held_label(callback.final_weights_held, sweep.chosen if sweep is not None else None)
     return f"{'SEMA' if mode == 'sema' else 'EMA'} model, {held}"
 
 

@@ -48,6 +48,7 @@ from example_utils import (
     parse_args,
     sema_arguments,
     to_sema_config,
+    weights_held_label,
 )
 from run_clm import (
     EMBEDDED_TRAIN_PLAYS,
@@ -258,7 +259,14 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     if example_args.sema_mode == "sema":
         sema_config = _with_example_switch_policy(argv, sema_config)
     sema = _sema_for(
-        example_args.sema_mode, sema_config, model, optimizer, accelerator, steps_per_epoch, max_train_steps
+        example_args.sema_mode,
+        sema_config,
+        model,
+        optimizer,
+        accelerator,
+        steps_per_epoch,
+        max_train_steps,
+        loop_args.output_dir,
     )
     sizes = {"averaged_numel": trainable_params, "model_numel": total_params}
 
@@ -346,8 +354,25 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
     progress.close()
 
-    # ---- the final model: what final_weights says (the average by default) ----
-    held = sema.finalize(evaluate=eval_loss_now) if sema is not None else "model"
+    # ---- the final model: what final_weights says (the average by default), or what --posthoc_select chose ----
+    def eval_scores() -> dict[str, float]:
+        loss = eval_loss_now()
+        return {"eval_loss": loss, "perplexity": _perplexity(loss)}
+
+    sweep = None
+    if sema is not None and sema.config.posthoc_select is not None:
+        sweep = sema.posthoc_sweep(
+            eval_scores,
+            metric=_plain_metric(sema.config.posthoc_select),
+            greater_is_better=False,
+            data=f"the validation split ({len(eval_dataset)} blocks)",
+        )
+        held = sema.finalize(posthoc=sweep)
+        logger.info(f"SEMA: post-hoc selection chose {sweep.chosen}:\n{sweep.markdown()}")
+        if accelerator.is_main_process:
+            sweep.save(loop_args.output_dir)
+    else:
+        held = sema.finalize(evaluate=eval_loss_now) if sema is not None else "model"
     eval_loss = evaluate(model, eval_loader, accelerator)
     metrics.update({"eval_loss": eval_loss, "perplexity": _perplexity(eval_loss)})
     if sema is not None:
@@ -355,7 +380,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     if loop_args.with_tracking:
         accelerator.end_training()
     accelerator.print(
-        f"\n*** {_weights_label(example_args.sema_mode, held)}: eval_loss {eval_loss:.4f}, perplexity "
+        f"\n*** {_weights_label(example_args.sema_mode, held, sweep)}: eval_loss {eval_loss:.4f}, perplexity "
         f"{metrics['perplexity']:.2f} ({len(eval_dataset)} blocks; saved to {loop_args.output_dir}) ***\n"
     )
     save_model(model, tokenizer, accelerator, loop_args.output_dir)
@@ -389,14 +414,25 @@ def make_accelerator(cpu: bool, **kwargs: Any) -> Accelerator:
 
 # ---- the loop's pieces --------------------------------------------------------------------------------------------
 def _sema_for(
-    mode: str, config: SEMAConfig, model, optimizer, accelerator: Accelerator, steps_per_epoch: int, max_steps: int
+    mode: str,
+    config: SEMAConfig,
+    model,
+    optimizer,
+    accelerator: Accelerator,
+    steps_per_epoch: int,
+    max_steps: int,
+    output_dir: str,
 ) -> SEMA | None:
-    """The SEMA object for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None."""
+    """The SEMA object for ``--sema_mode``: Switch EMA, plain EMA (never switched), or None. With
+    ``--posthoc_every_steps`` its post-hoc snapshots go to ``output_dir/sema_posthoc`` (as under the Trainer)."""
     if mode == "none":
         return None
     if mode == "ema":
         config = config.replace(switch=False)
-    return SEMA(model, optimizer, accelerator, config=config, steps_per_epoch=steps_per_epoch, max_steps=max_steps)
+    posthoc = {"posthoc_dir": os.path.join(output_dir, "sema_posthoc")} if config.posthoc_every_steps else {}
+    return SEMA(
+        model, optimizer, accelerator, config=config, steps_per_epoch=steps_per_epoch, max_steps=max_steps, **posthoc
+    )
 
 
 def _with_example_switch_policy(argv: list[str], config: SEMAConfig) -> SEMAConfig:
@@ -547,7 +583,7 @@ def _write_card(sema, metrics, numels, model_args, data_args, loop_args) -> None
     ModelCard(text).save(os.path.join(loop_args.output_dir, "README.md"))
     if sema is not None:
         counts = {"num_updates": sema.num_updates, "num_switches": sema.num_switches, "resolved_decay": sema.decay}
-        held = {"final_weights_held": sema.final_weights_held}
+        held = {"final_weights_held": sema.final_weights_held, "posthoc": sema.last_posthoc_sweep}
         if sema.final_weights_held == "model" and sema.config.final_weights == "ema":
             held["kept_because"] = (
                 "`switch_policy='if_better'` kept them, as the average did not evaluate better at the end of training"
@@ -569,11 +605,19 @@ def _push(args: LoopArguments) -> None:
     )
 
 
-def _weights_label(mode: str, held: str) -> str:
+def _weights_label(mode: str, held: str, sweep=None) -> str:
     if mode == "none":
         return "Model (no averaging)"
-    weights = "EMA weights" if held == "ema" else "raw weights (final_weights='model', or the average lost)"
+    if sweep is not None:
+        weights = weights_held_label(held, sweep.chosen)
+    else:
+        weights = "EMA weights" if held == "ema" else "raw weights (final_weights='model', or the average lost)"
     return f"{'SEMA' if mode == 'sema' else 'EMA'} model, {weights}"
+
+
+def _plain_metric(metric: str) -> str:
+    """``--posthoc_select``'s key as this loop names its numbers: ``loss`` -> ``eval_loss``; ``perplexity``."""
+    return metric if metric.startswith("eval_") or metric == "perplexity" else f"eval_{metric}"
 
 
 def _take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:

@@ -46,11 +46,13 @@ from example_utils import (
     last_checkpoint,
     numel,
     parse_args,
+    posthoc_select_on_validation,
     report_ema_size,
     sema_arguments,
     sema_callback_for,
     setup_logging,
     to_sema_config,
+    weights_held_label,
     with_example_switch_policy,
 )
 from PIL import Image
@@ -245,6 +247,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
     if example_args.sema_mode == "sema":
         sema_config = with_example_switch_policy(args, sema_config, training_args, eval_dataset)
+    sema_config = posthoc_select_on_validation(sema_config, eval_dataset)
     callback = sema_callback_for(example_args.sema_mode, sema_config)
     trainer = SEMATrainer(
         model=model,
@@ -279,8 +282,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero():
             what = {"sema": "SEMA model", "ema": "EMA model", "none": "Model (no averaging)"}[example_args.sema_mode]
-            if callback is not None and callback.final_weights_held == "model":
-                what += ", raw weights (final_weights='model', if_better or the best checkpoint)"
+            if callback is not None and (callback.final_weights_held == "model" or callback.posthoc_sweep):
+                sweep = callback.posthoc_sweep
+                what += ", " + weights_held_label(callback.final_weights_held, sweep.chosen if sweep else None)
             print(
                 f"\n*** {what}: {prefix}_accuracy {eval_metrics[f'{prefix}_accuracy']:.4f}, {prefix}_loss "
                 f"{eval_metrics[f'{prefix}_loss']:.4f} ({len(reported)} images; saved to "

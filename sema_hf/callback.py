@@ -20,7 +20,10 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
     on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint)
     on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
                        before the Trainer's own save, so that rotation and Hub uploads see it complete)
-    on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it
+    on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it;
+                       with posthoc_select, after the Trainer's load_best_model_at_end: score the post-hoc grid,
+                       the classic EMA and the raw weights (and the best checkpoint's average) with SEMA's own
+                       passes, put the best in, log the table, write posthoc_sweep.json / .png (`selection`)
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
-from . import evaluation, schedule
+from . import evaluation, posthoc, schedule, selection
 from .binding import TrainerBinding, bind
 from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
@@ -50,6 +53,9 @@ from .settings import check_run_settings, describe_settings
 from .store import EMAStore
 
 logger = logging.get_logger(__name__)
+
+#: The row of a post-hoc selection for the best checkpoint's average (``load_best_model_at_end``).
+BEST_CHECKPOINT_EMA = "best_checkpoint_ema"
 
 
 class SEMACallback(TrainerCallback, ExportableState):
@@ -78,6 +84,18 @@ class SEMACallback(TrainerCallback, ExportableState):
     every switch point. Then ``eval_*`` are the numbers of the weights the model holds after the switch point's
     decision, which the checkpoint saved next holds: what ``load_best_model_at_end``, ``EarlyStoppingCallback``
     and a search objective rank.
+
+    Post-hoc selection (``posthoc_select="eval_loss"`` with ``posthoc_every_steps``): when ``train()`` ends, SEMA
+    scores every candidate on the eval set with its own passes through the Trainer's evaluation loop (no
+    ``evaluate()``, no ``on_evaluate``, no ``eval_*`` log entry): the post-hoc averages of ``posthoc_grid``, the
+    classic EMA and the raw weights. The best goes into the model, so ``save_model()`` and ``push_to_hub()`` write
+    it; the table is logged (``posthoc_<metric>/<candidate>``, ``posthoc_<metric>/chosen``), written to
+    ``output_dir/posthoc_sweep.json`` and ``.png``, kept as `posthoc_sweep` and described in `SEMATrainer`'s model
+    card. Order: the Trainer's ``load_best_model_at_end`` runs first (transformers loads the best checkpoint before
+    any callback hears that training ended), so the best checkpoint competes: its raw weights are the ``raw``
+    candidate, and its average is ``best_checkpoint_ema`` when its metric measured the average. The selection then
+    decides alone: ``final_weights`` must stay ``"ema"`` and ``switch_policy="if_better"`` makes no end decision
+    (the raw weights and the classic EMA are candidates). Ties go to the raw weights, then the classic EMA.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SEMACallback:
@@ -108,7 +126,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         checkpoint identities: the process that writes a checkpoint's ``trainer_state.json`` also writes its
         ``sema_state.json``, so both carry it) and the Trainer-side bookkeeping."""
         self.core: SEMA | None = None
-        # Which weights the model holds after train() ("ema" or "model"), so what save_model() writes; None before.
+        # Which weights the model holds after train() ("ema", "model", or "posthoc" for a post-hoc average chosen by
+        # posthoc_select), so what save_model() writes; None before.
         self.final_weights_held: str | None = None
         self._binding = TrainerBinding(None)
         self._args: TrainingArguments | None = None
@@ -153,6 +172,12 @@ class SEMACallback(TrainerCallback, ExportableState):
     @property
     def last_switch_decision(self) -> bool | None:
         return None if self.core is None else self.core.last_switch_decision
+
+    @property
+    def posthoc_sweep(self) -> selection.PosthocSweep | None:
+        """The table of the post-hoc selection at the end of the last ``train()`` (``posthoc_select``); None
+        before or without one. ``.chosen`` is the label of the weights the model holds."""
+        return None if self.core is None else self.core.last_posthoc_sweep
 
     @property
     def _warmup_steps(self) -> int:
@@ -256,7 +281,8 @@ class SEMACallback(TrainerCallback, ExportableState):
                 f"{engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
                 "or pass landscape=None."
             )
-        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps)
+        posthoc_dir = os.path.join(self._binding.output_dir(args.output_dir), posthoc.FOLDER_NAME)
+        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps, posthoc_dir=posthoc_dir)
         self.core.global_step = state.global_step
         if state.global_step > 0:
             self._resume(args, state)
@@ -337,6 +363,11 @@ class SEMACallback(TrainerCallback, ExportableState):
         if self.store is None:
             self._training = False
             return
+        self._require_core().posthoc_snapshot()  # the last step's post-hoc snapshot (no-op when off)
+        if self.config.posthoc_select is not None:
+            self._training = False
+            self.final_weights_held = self._select_posthoc(args, state, control)
+            return
         final = self.config.final_weights
         if args.load_best_model_at_end and state.best_model_checkpoint:
             # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
@@ -362,6 +393,61 @@ class SEMACallback(TrainerCallback, ExportableState):
             logger.info("SEMA: the model now holds the EMA weights.")
         else:
             logger.info("SEMA: the model keeps its raw weights (final_weights, if_better or the best checkpoint).")
+
+    def _select_posthoc(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> str:
+        """``posthoc_select``: score every candidate with SEMA's own passes over the eval set, put the best into the
+        model, log the table, write ``posthoc_sweep.json`` / ``.png``; returns what the model holds.
+
+        It runs after the Trainer's ``load_best_model_at_end`` (which transformers runs before any callback hears
+        that training ended), so the best checkpoint is one of the candidates: its raw weights are the ``raw`` row,
+        and when its metric measured its average (``evaluate_with="ema"``, or ``eval_ema_*``) that average is the
+        ``best_checkpoint_ema`` row. ``final_weights`` is not used (it must be ``"ema"``, the default) and
+        ``switch_policy="if_better"`` has no end-of-training decision: the raw weights and the classic EMA are
+        candidates of the selection."""
+        core = self._require_core()
+        trainer = self._require_trainer()
+        ignore_keys = self._binding.ignore_keys_for_eval
+        key = evaluation.plain_metric(self.config.posthoc_select)
+        greater = selection.greater_is_better_for(key, args.metric_for_best_model, args.greater_is_better)
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        texts = {
+            selection.RAW: "the raw training weights at the last step",
+            selection.EMA: f"the classic EMA at the last step (decay {core.decay:.6g})",
+        }
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        if best:
+            texts[selection.RAW] = f"the best checkpoint's raw weights ({best}), loaded by load_best_model_at_end"
+            measured = "both" if self._compares_weights() else self.config.evaluate_with
+            if evaluation.weights_behind_best_metric(measured, args.metric_for_best_model) == "ema":
+                if core.has_checkpoint(best):
+                    extra[BEST_CHECKPOINT_EMA] = core.read_averages(best)
+                    texts[BEST_CHECKPOINT_EMA] = (
+                        f"the best checkpoint's average ({best}), which its {args.metric_for_best_model or 'loss'} "
+                        "measured"
+                    )
+        only = evaluation.eval_set_named(key, trainer.eval_dataset)  # a dict of sets: only the one chosen on
+        sweep = core.posthoc_sweep(
+            lambda: evaluation.evaluate_weights(trainer, "eval", ignore_keys, only=only),
+            metric=key,
+            greater_is_better=greater,
+            extra=extra,
+            descriptions=texts,
+            data=evaluation.describe_eval_data(trainer.eval_dataset, only),
+        )
+        if sweep.chosen == BEST_CHECKPOINT_EMA:
+            core.write_weights(extra[BEST_CHECKPOINT_EMA])
+            core.posthoc_chosen, core.final_weights_held = sweep.chosen, "ema"
+        else:
+            core.finalize(posthoc=sweep)
+        extra.clear()
+        self._log(sweep.log_values(), state, control)
+        logger.info(
+            f"SEMA: post-hoc selection on {sweep.data} by {sweep.metric} "
+            f"({'higher' if greater else 'lower'} is better) chose {sweep.chosen}:\n{sweep.markdown()}"
+        )
+        if state.is_world_process_zero:
+            sweep.save(args.output_dir)
+        return core.final_weights_held or "model"
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_folder(self, global_step: int) -> str:

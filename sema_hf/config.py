@@ -11,10 +11,15 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .selection import parse_grid
+
 WARMUP_KINDS = ("linear", "exp", "none")
 EVALUATE_WITH = ("ema", "model", "both")
 FINAL_WEIGHTS = ("ema", "model")
 SWITCH_POLICIES = ("always", "if_better")
+POSTHOC_DTYPES = ("float32", "bfloat16")
+# sigma_rel of a power-function profile with exponent 0 (sema_hf.posthoc.SIGMA_REL_MAX): tracked profiles stay below.
+POSTHOC_SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
 HORIZON_FIELDS = ("decay", "horizon_epochs", "horizon_steps")
 # The horizon used when none of decay / horizon_steps / horizon_epochs is given. Chosen on docs/evidence study v1
 # (a ViT from scratch on MNIST, 40 epochs of 8 steps, 3 seeds), whose horizon trend for SEMA (-1.5 +- 4.0 points at
@@ -156,11 +161,54 @@ class SEMAConfig:
             "(no communication per update; one all-gather per switch or evaluation)."
         },
     )
+    posthoc_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Post-hoc EMA: also track power-function EMA profiles (posthoc_sigma_rels) of every rank's shard "
+            "and snapshot them every N optimizer steps and at the end, so that any averaging horizon can be "
+            "reconstructed after training (sema_hf.posthoc). None (default): off. About run length / 64 or less."
+        },
+    )
+    posthoc_sigma_rels: tuple[float, ...] = field(
+        default=(0.05, 0.10),
+        metadata={
+            "help": "Relative widths of the tracked power-function profiles (EDM2's 0.05 and 0.10), each in "
+            "(0, 0.288); an exponential EMA of horizon H at step T resembles sigma_rel ~ H / T.",
+            "nargs": "+",
+        },
+    )
+    posthoc_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the post-hoc snapshot files: 'float32' or 'bfloat16' (half the bytes; rounding is "
+            "amplified by the fit's weights). The tracked profiles are always fp32.",
+            "choices": list(POSTHOC_DTYPES),
+        },
+    )
     allow_fresh_ema_on_resume: bool = field(
         default=False,
         metadata={
             "help": "On resume, start a fresh average from the restored weights when the checkpoint holds no EMA "
             "state, instead of raising an error."
+        },
+    )
+
+    posthoc_select: str | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the average after training: a metric key (e.g. 'eval_loss', 'eval_accuracy'). At the end "
+            "of train() SEMA evaluates the post-hoc averages of posthoc_grid, the classic EMA and the raw weights on "
+            "the eval set and puts the best into the model (save_model/push_to_hub write it). Direction: "
+            "TrainingArguments.greater_is_better for metric_for_best_model's key, else lower is better for *loss. "
+            "Needs posthoc_every_steps and an eval set."
+        },
+    )
+    posthoc_grid: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The post-hoc targets posthoc_select compares, e.g. sigma_rel=0.07 horizon_epochs=1 "
+            "horizon_steps=500. Default (None): relative widths around the tracked posthoc_sigma_rels and the "
+            "horizons 0.3, 1 and 3 epochs where they are reachable (sema_hf.selection.default_grid)."
         },
     )
 
@@ -240,6 +288,47 @@ class SEMAConfig:
             self.allow_fresh_ema_on_resume,
             "True or False",
         )
+        _check(
+            self.posthoc_every_steps is None or (_is_int(self.posthoc_every_steps) and self.posthoc_every_steps >= 1),
+            "posthoc_every_steps",
+            self.posthoc_every_steps,
+            "None (off) or an int >= 1 (optimizer steps between snapshots)",
+        )
+        sigmas = _numbers_from_flags(self.posthoc_sigma_rels)
+        _check(
+            isinstance(sigmas, tuple | list)
+            and len(sigmas) >= 1
+            and all(_is_number(s) and 0.0 < s < POSTHOC_SIGMA_REL_MAX for s in sigmas)
+            and len(set(sigmas)) == len(sigmas),
+            "posthoc_sigma_rels",
+            sigmas,
+            f"a non-empty tuple of distinct numbers in (0, {POSTHOC_SIGMA_REL_MAX:.4f}), e.g. (0.05, 0.10)",
+        )
+        self.posthoc_sigma_rels = tuple(float(s) for s in sigmas)
+        _check(self.posthoc_dtype in POSTHOC_DTYPES, "posthoc_dtype", self.posthoc_dtype, f"one of {POSTHOC_DTYPES}")
+        _check(
+            self.posthoc_select is None or (isinstance(self.posthoc_select, str) and self.posthoc_select.strip()),
+            "posthoc_select",
+            self.posthoc_select,
+            "None or a metric key such as 'eval_loss'",
+        )
+        if self.posthoc_select is not None:
+            if self.posthoc_every_steps is None:
+                raise ValueError(
+                    f"SEMAConfig.posthoc_select = {self.posthoc_select!r} chooses among post-hoc averages, but "
+                    "posthoc_every_steps is None (post-hoc tracking is off): set posthoc_every_steps (e.g. 100, "
+                    "snapshots every 100 optimizer steps) or leave posthoc_select at None."
+                )
+            if self.final_weights != "ema":
+                raise ValueError(
+                    f"SEMAConfig.final_weights = {self.final_weights!r} with posthoc_select = {self.posthoc_select!r}: "
+                    "the selection decides what the model holds at the end (the raw weights are one of its "
+                    "candidates), so final_weights must stay at its default 'ema'; drop one of them."
+                )
+        if self.posthoc_grid is not None:
+            if isinstance(self.posthoc_grid, str):
+                self.posthoc_grid = [self.posthoc_grid]
+            self.posthoc_grid = [target.label for target in parse_grid(self.posthoc_grid)]
         for name in HORIZON_FIELDS:
             if getattr(self, name) is not None:
                 setattr(self, name, float(getattr(self, name)))
@@ -278,6 +367,25 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers_from_flags(values: Any) -> Any:
+    """``posthoc_sigma_rels`` as numbers. HfArgumentParser calls the annotation on every command-line value
+    (``tuple[float, ...]("0.05")`` gives the characters ``('0', '.', '0', '5')``): join such values back and parse
+    them; anything else is returned for validation as is."""
+    if not isinstance(values, tuple | list):
+        return values
+    out = []
+    for v in values:
+        if isinstance(v, tuple | list) and v and all(isinstance(c, str) for c in v):
+            v = "".join(v)
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                return values
+        out.append(v)
+    return type(values)(out)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -105,6 +105,34 @@ def weights_behind_best_metric(evaluate_with: str, metric_for_best_model: str | 
     return "model"
 
 
+def describe_eval_data(eval_dataset: Any, name: str | None = None) -> str:
+    """What SEMA's passes over ``eval_dataset`` read, in words for tables and model cards: ``"eval_dataset (200
+    examples)"``, ``"eval_dataset['validation'] (16 examples)"`` for the set ``name`` of a dict, or every set."""
+    if isinstance(eval_dataset, dict):
+        if name is not None:
+            return f"eval_dataset[{name!r}] ({_size(eval_dataset[name])})"
+        return "eval_dataset sets " + ", ".join(f"{n} ({_size(data)})" for n, data in eval_dataset.items())
+    return f"eval_dataset ({_size(eval_dataset)})"
+
+
+def eval_set_named(metric: str, eval_dataset: Any) -> str | None:
+    """The set of a dict ``eval_dataset`` that the key ``metric`` (``"eval_<name>_loss"``) names; None for one set
+    or when it names none (the longest matching name wins, so ``"eval_val_x_loss"`` picks ``"val_x"`` over
+    ``"val"``)."""
+    if not isinstance(eval_dataset, dict):
+        return None
+    key = plain_metric(metric)
+    named = [name for name in eval_dataset if key.startswith(f"eval_{name}_")]
+    return max(named, key=len) if named else None
+
+
+def _size(data: Any) -> str:
+    try:
+        return f"{len(data):,} examples"
+    except TypeError:
+        return "an iterable dataset"
+
+
 def rng_kept() -> AbstractContextManager:
     """Restore torch's CPU RNG, and each initialized CUDA device's, on exit."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -116,9 +144,11 @@ def evaluate_weights(
     metric_key_prefix: str,
     ignore_keys: list[str] | None = None,
     swap_in: Callable[[], AbstractContextManager] | None = None,
+    only: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate every eval set of ``trainer`` through its evaluation loop (``metric_key_prefix``, or
-    ``<prefix>_<name>`` for a set of a dict), with ``swap_in`` (the average) in place when given.
+    """Evaluate every eval set of ``trainer`` (or the set ``only`` of a dict) through its evaluation loop
+    (``metric_key_prefix``, or ``<prefix>_<name>`` for a set of a dict), with ``swap_in`` (the average) in place
+    when given.
 
     No ``on_evaluate`` fires and nothing is logged (``evaluate()`` does both; this is SEMA's own pass), only the
     per-batch ``on_prediction_step`` (the console progress bar shows the pass, then is closed). The weights come back on the way out, exception or not (the swap is a context
@@ -132,6 +162,8 @@ def evaluate_weights(
         if isinstance(sets, dict)
         else [(None, metric_key_prefix)]
     )
+    if only is not None:
+        named = [(name, prefix) for name, prefix in named if name == only]
     found: dict[str, float] = {}
     with ExitStack() as stack:
         stack.enter_context(rng_kept())

@@ -30,6 +30,7 @@ from transformers import Trainer
 from .callback import SEMACallback
 from .config import SEMAConfig
 from .horizon import horizon_of_decay
+from .selection import PosthocSweep
 from .trainer import EMAFirstCheckpointMixin, HandOverBindingMixin, RawWeightsOnErrorMixin
 
 SEMA_TAGS = ("sema", "switch-ema")
@@ -64,6 +65,7 @@ def sema_model_card_section(
     resolved_decay: float | None = None,
     final_weights_held: str | None = None,
     kept_because: str | None = None,
+    posthoc: PosthocSweep | None = None,
 ) -> str:
     """The Markdown section (between ``SECTION_BEGIN`` and ``SECTION_END``) describing a SEMA model.
 
@@ -76,9 +78,19 @@ def sema_model_card_section(
         final_weights_held: which weights the saved model holds (``callback.final_weights_held``): ``"ema"`` the
             average, ``"model"`` the raw training weights; None: as ``config.final_weights`` says.
         kept_because: why the raw weights were kept (``"model"``), in a few words.
+        posthoc: the table of the post-hoc selection that chose the saved weights (``posthoc_select``): the card
+            names the chosen candidate, the data it was chosen on and the whole table.
     """
     held = final_weights_held or ("ema" if config.final_weights == "ema" else "model")
-    if held == "model":
+    if held == "posthoc" and posthoc is not None:
+        row = posthoc.chosen_row
+        what = (
+            f"These weights are a post-hoc EMA of the training weights: the power-function average `{row.label}` "
+            "reconstructed after training from the snapshots the run kept of two power-function profiles (Karras et "
+            "al., EDM2, arXiv 2312.02696), per element from each rank's own shards. The run also kept an exponential "
+            f"moving average with [Switch EMA]({PAPER_URL}) (SEMA; Li et al., 2024)."
+        )
+    elif held == "model":
         what = (
             "These are the raw training weights, not their exponential moving average (EMA): "
             + (kept_because or "`final_weights='model'`")
@@ -115,6 +127,8 @@ def sema_model_card_section(
         counts.append(size + ")")
     if counts:
         lines += ["", "Training: " + ", ".join(counts) + "."]
+    if posthoc is not None:
+        lines += ["", *_selection_lines(posthoc)]
     shown = _quality_metrics(metrics or {})
     if shown:
         lines += ["", "Evaluation of these weights (the saved ones):", "", "| metric | value |", "|---|---|"]
@@ -130,6 +144,23 @@ def sema_model_card_section(
         SECTION_END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(sweep: PosthocSweep) -> list[str]:
+    """The card's account of a post-hoc selection: what was chosen, on which data, by what, and the table."""
+    row = sweep.chosen_row
+    direction = "higher" if sweep.greater_is_better else "lower"
+    data = sweep.data or "the eval set"
+    return [
+        "### How these weights were chosen",
+        "",
+        f"After training (optimizer step {sweep.step}) every candidate below was evaluated on {data} and the one "
+        f"with the best `{sweep.metric}` ({direction} is better) was saved: **`{row.label}`**, {row.description}. "
+        f"The same data chose the weights, so its `{sweep.metric}` is an optimistic estimate for them; measure the "
+        "model on data the selection did not see.",
+        "",
+        sweep.markdown(),
+    ]
 
 
 def add_sema_to_model_card(
@@ -241,6 +272,9 @@ def _kept_because(callback: SEMACallback, args: Any, state: Any) -> str:
             f"`load_best_model_at_end` ended on the best checkpoint's weights ({state.best_model_checkpoint}, "
             f"`{args.metric_for_best_model}` = {state.best_metric})"
         )
+    sweep = callback.posthoc_sweep
+    if callback.config.posthoc_select is not None and sweep is not None:
+        return f"the post-hoc selection chose them (`{sweep.metric}` on {sweep.data})"
     if callback.config.final_weights != "ema":
         return "`final_weights='model'`"
     return "`switch_policy='if_better'` kept them, as the average did not evaluate better at the end of training"
@@ -276,8 +310,11 @@ class SEMAModelCardMixin:
         args, state = self.args, self.state  # type: ignore[attr-defined]
         held = callback.final_weights_held
         best_step = state.best_global_step if args.load_best_model_at_end and state.best_model_checkpoint else None
+        sweep = callback.posthoc_sweep if callback.config.posthoc_select is not None else None
         if sema_metrics is not None:
             metrics = dict(sema_metrics)
+        elif sweep is not None:
+            metrics = dict(sweep.chosen_row.metrics)
         else:
             metrics = metrics_of_saved_weights(state.log_history, held, callback.config, best_step)
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
@@ -292,6 +329,7 @@ class SEMAModelCardMixin:
             resolved_decay=callback.decay if callback.store is not None else None,
             final_weights_held=held,
             kept_because=_kept_because(callback, args, state) if held == "model" else None,
+            posthoc=sweep,
         )
 
 

@@ -33,6 +33,11 @@ In a loop::
         accelerator.save_state("ckpt")   # carries every rank's EMA shard (load_state restores it bit for bit)
     sema.finalize()                      # the model holds the average (final_weights="ema")
 
+With post-hoc tracking (``posthoc_every_steps``, ``posthoc_dir``) the average can also be chosen after training::
+
+    table = sema.posthoc_sweep(evaluate)  # score the raw weights, the classic EMA, the post-hoc grid (every rank)
+    sema.finalize(posthoc=table)         # the model holds the best of them; table.save(dir) writes JSON and plot
+
 Engines: one process, DDP (``shard_under_ddp`` too), FSDP1/FSDP2 and DeepSpeed ZeRO-1/2/3 as prepared by
 ``accelerate``; each rank averages exactly what its optimizer updates (`sema_hf.engines`), with no communication
 per update. Every rank must call every method (``step``, ``epoch_end``, ``swapped_in``, ``ema_state_dict``,
@@ -44,11 +49,14 @@ It knows no Trainer; `SEMACallback` is the Trainer's front-end to the same rules
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
+import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -57,12 +65,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import schedule
-from .checkpoint import STATE_NAME, has_ema_checkpoint, load_ema_checkpoint, raise_if_any_rank_failed
+from . import posthoc, schedule, selection
+from .checkpoint import (
+    STATE_NAME,
+    has_ema_checkpoint,
+    layout_fingerprint,
+    load_ema_checkpoint,
+    raise_if_any_rank_failed,
+    read_ema_state,
+)
 from .checkpoint import save_ema_checkpoint as _save_ema_checkpoint
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 from .engines import EngineAdapter, detect_engine
+from .engines.base import Layout
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
+from .profiles import PowerProfiles
 from .store import EMAStore
 
 logger = logging.getLogger(__name__)
@@ -90,6 +107,8 @@ class SEMA:
             epoch); give ``horizon_steps`` or ``decay`` and ``warmup_steps`` otherwise.
         max_steps: optimizer steps of the whole run, if known: only for the warnings about a horizon or a warmup
             longer than the run.
+        posthoc_dir: where post-hoc EMA snapshots go (``posthoc_every_steps``; `sema_hf.posthoc`); needed when
+            that is set. The Trainer's callback uses ``<output_dir>/sema_posthoc``.
         **config_fields: any `SEMAConfig` field, e.g. ``SEMA(model, optimizer, accelerator, horizon_steps=200)``.
 
     ``evaluate_with`` and ``landscape`` are the Trainer's business: in a loop, what is evaluated is what runs
@@ -105,6 +124,7 @@ class SEMA:
         config: SEMAConfig | None = None,
         steps_per_epoch: int | Any | None = None,
         max_steps: int | None = None,
+        posthoc_dir: str | None = None,
         **config_fields: Any,
     ) -> None:
         base = config if config is not None else SEMAConfig()
@@ -127,7 +147,7 @@ class SEMA:
             shard_under_ddp=self.config.shard_under_ddp,
             buffers_from_rank0=True,  # the store below calls its before_read
         )
-        self._setup(engine, resolved, warmup_steps)
+        self._setup(engine, resolved, warmup_steps, posthoc_dir)
         for message in horizon_warnings(self.config, resolved, max_steps or 0, warmup_steps):
             logger.warning(f"SEMA: {message}")
             warnings.warn(f"SEMA: {message}", UserWarning, stacklevel=2)
@@ -145,19 +165,27 @@ class SEMA:
 
     @classmethod
     def from_engine(
-        cls, engine: EngineAdapter, config: SEMAConfig, resolved: ResolvedHorizon, warmup_steps: int
+        cls,
+        engine: EngineAdapter,
+        config: SEMAConfig,
+        resolved: ResolvedHorizon,
+        warmup_steps: int,
+        posthoc_dir: str | None = None,
     ) -> SEMA:
         """The core for a front-end that found the engine and resolved the horizon and warmup itself (the
-        Trainer's callback, from `TrainingArguments`): no accelerator, no checks, no hooks."""
+        Trainer's callback, from `TrainingArguments`): no accelerator, no checks, no hooks. ``posthoc_dir`` is
+        used only when ``config.posthoc_every_steps`` is set."""
         core = cls.__new__(cls)
         core.config = config
         core.accelerator = None
         core.steps_per_epoch = resolved.steps_per_epoch
         core._hooks = []
-        core._setup(engine, resolved, warmup_steps)
+        core._setup(engine, resolved, warmup_steps, posthoc_dir if config.posthoc_every_steps is not None else None)
         return core
 
-    def _setup(self, engine: EngineAdapter, resolved: ResolvedHorizon, warmup_steps: int) -> None:
+    def _setup(
+        self, engine: EngineAdapter, resolved: ResolvedHorizon, warmup_steps: int, posthoc_dir: str | None = None
+    ) -> None:
         """The run's state: engine, store, counters. Shared by both front-ends."""
         self.engine = engine
         self.resolved = resolved
@@ -177,10 +205,48 @@ class SEMA:
         self.last_switch_decision: bool | None = None
         self.steps_since_decision = 0
         self.final_weights_held: str | None = None
+        self.posthoc_chosen: str | None = None  # the label finalize(posthoc=...) put in
+        self.last_posthoc_sweep: selection.PosthocSweep | None = None
         self._swapped = False
         self._fresh_pending = False
         self._entry_group = _entry_check_group(engine)
         self.swap_entry_timeout_s = SWAP_ENTRY_TIMEOUT_S
+        self._setup_posthoc(posthoc_dir)
+
+    def _setup_posthoc(self, posthoc_dir: str | None) -> None:
+        """Post-hoc EMA tracking (`sema_hf.profiles`, `sema_hf.posthoc`): the power-function profiles of this
+        rank's shard, updated in the same pass as the classic EMA, and the list of snapshots written."""
+        cfg = self.config
+        self.posthoc_dir = posthoc_dir
+        self.profiles: PowerProfiles | None = None
+        self.posthoc_series_id = uuid.uuid4().hex  # the run's snapshots; a resumed run adopts its checkpoint's
+        self.posthoc_steps: list[int] = []
+        self._profiles_fresh_pending = False
+        self._posthoc_folder_checked = False
+        if cfg.posthoc_every_steps is None:
+            if posthoc_dir is not None:
+                warnings.warn(
+                    "SEMA(posthoc_dir=...) has no effect without posthoc_every_steps: no post-hoc EMA is tracked.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        if posthoc_dir is None:
+            raise ValueError(
+                f"SEMA: posthoc_every_steps = {cfg.posthoc_every_steps} needs a folder for the snapshots: pass "
+                "SEMA(..., posthoc_dir=...) (the Trainer's callback uses <output_dir>/sema_posthoc)."
+            )
+        if _distributed():  # one series id on every rank: the files of all ranks name the same run
+            shared = [self.posthoc_series_id]
+            dist.broadcast_object_list(shared, src=0)
+            self.posthoc_series_id = shared[0]
+        self.posthoc_gammas = [posthoc.sigma_rel_to_gamma(s) for s in cfg.posthoc_sigma_rels]
+        self.profiles = PowerProfiles(
+            self.store.slots,
+            self.posthoc_gammas,
+            companion=self.store.state_dict(),
+            before_read=getattr(self.engine, "before_read", None),
+        )
 
     @staticmethod
     def _steps_per_epoch(steps_per_epoch: int | Any | None, accelerator: Any | None) -> int | None:
@@ -217,9 +283,13 @@ class SEMA:
         return self.engine.full_state_dict(self.store.state_dict())
 
     @contextmanager
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self, averages: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
         """Inside the block the model's forward reads the average; the raw weights come back afterwards, bit for
         bit, even when the block raises. The optimizer's fp32 master weights are never touched.
+
+        ``averages``: read these instead of the classic EMA: this rank's tensors keyed like
+        ``sema.store.state_dict()`` (a post-hoc average from `posthoc_average`, a checkpoint's from
+        `read_averages`).
 
         Under ``shard_under_ddp`` and DeepSpeed ZeRO-1/2 entering the block is a collective (the average is
         gathered from every rank's shard), as is any forward under FSDP and ZeRO-3: every rank must enter it.
@@ -233,10 +303,168 @@ class SEMA:
         self._check_every_rank_enters("swapped_in()")
         self._swapped = True
         try:
-            with self.store.swapped_in():
+            with self.store.swapped_in(averages):
                 yield
         finally:
             self._swapped = False
+
+    def write_weights(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Put ``values`` into the model for good, as a switch puts the average: this rank's tensors keyed like
+        ``sema.store.state_dict()`` (a post-hoc average from `posthoc_average`), written into what the optimizer
+        updates and what the forward reads under every engine. Every rank must call it with its own shards (under
+        ``shard_under_ddp`` and ZeRO-1/2 the write ends in a collective). The averages are not changed."""
+        self._refuse_while_swapped("write_weights()")
+        self._fresh_if_pending()
+        self.store.write(values)
+
+    def read_averages(self, folder: str) -> dict[str, torch.Tensor]:
+        """This rank's part of the average saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
+        callback), keyed like ``sema.store.state_dict()`` and re-sharded to this run's layout, without touching
+        this object's state (for `swapped_in` or `write_weights`). Every rank must call it; an error on any rank
+        is raised on every rank."""
+        tensors: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            if not has_ema_checkpoint(folder):
+                raise FileNotFoundError(f"No SEMA EMA state in {folder!r} (no {STATE_NAME}).")
+            layout = self.engine.layout()
+            saved_posthoc = read_ema_state(folder).get("posthoc")
+            if saved_posthoc is not None:  # the files also hold the post-hoc profiles: read the classic EMA only
+                layout = _with_profiles(layout, len(saved_posthoc["sigma_rels"]))
+            tensors, _ = load_ema_checkpoint(folder, layout)
+            tensors = {n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)}
+            self.store.check_state_dict(tensors)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+        raise_if_any_rank_failed(error, f"read the EMA saved in {folder!r}")
+        return tensors
+
+    def has_checkpoint(self, folder: str) -> bool:
+        """Whether ``folder`` holds EMA state saved by SEMA (this process's view; no collective)."""
+        return has_ema_checkpoint(folder)
+
+    def posthoc_sweep(
+        self,
+        evaluate: Callable[[], float | Mapping[str, float]],
+        grid: Sequence[str | Mapping[str, Any] | selection.Target] | None = None,
+        *,
+        metric: str | None = None,
+        greater_is_better: bool = False,
+        extra: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        descriptions: Mapping[str, str] | None = None,
+        data: str = "",
+    ) -> selection.PosthocSweep:
+        """Score the raw weights, the classic EMA and every post-hoc target of ``grid`` with ``evaluate`` and
+        return the table (`sema_hf.selection.PosthocSweep`; ``.chosen`` is the best row's label). Changes nothing:
+        the model holds its raw weights afterwards; ``finalize(posthoc=table)`` puts the chosen weights in.
+
+        Args:
+            evaluate: a function of no argument that scores what the model holds now: a number, or a dict of
+                metrics of which ``metric`` is the score (``Trainer.evaluate``-like; every metric is kept in the
+                table). It runs once per candidate, on every rank (give every rank the same numbers:
+                ``accelerator.gather_for_metrics``); rank 0's choice is taken by every rank.
+            grid: post-hoc targets (``"sigma_rel=0.07"``, ``"horizon_epochs=1"``, ``"horizon_steps=500"``, or
+                dicts such as ``{"sigma_rel": 0.07}``); default: ``config.posthoc_grid``, else
+                `sema_hf.selection.default_grid` around the tracked profiles.
+            metric: the key of ``evaluate``'s dict to rank by (the table's name for a plain number; default
+                ``config.posthoc_select``, else ``"score"``).
+            greater_is_better: the direction of ``metric`` (lower is better by default).
+            extra: further candidates, this rank's tensors by label (e.g. a checkpoint's `read_averages`).
+            descriptions: a row's "what it is" by label, replacing the default text.
+            data: what the scores were measured on, for the table (e.g. ``"validation split, 2000 examples"``).
+
+        Ties go to the raw weights, then the classic EMA, then the grid in order: an average is chosen only when
+        it scores strictly better. A target the snapshots do not reach (`sema_hf.posthoc`: fit error over 5%, too
+        few snapshots) is left out of the default grid; one the caller listed stays in the table, with no score
+        (NaN) and the reason in ``fit["error"]``, and a warning. Every rank must call this (each candidate is swapped in, a collective under
+        sharded engines).
+        """
+        self._refuse_while_swapped("posthoc_sweep()")
+        self._fresh_if_pending()
+        metric = metric or self.config.posthoc_select or "score"
+        chosen_grid = grid is not None or self.config.posthoc_grid is not None
+        targets = self._posthoc_targets(grid)
+        texts = dict(descriptions or {})
+        rows: list[selection.SweepRow] = []
+
+        def score(label: str, kind: str, description: str, **row: Any) -> None:
+            found = evaluate()
+            metrics = {k: float(v) for k, v in found.items()} if isinstance(found, Mapping) else {}
+            if isinstance(found, Mapping):
+                if metric not in metrics:
+                    raise KeyError(
+                        f"SEMA.posthoc_sweep ranks by metric = {metric!r}, but evaluate() returned no such key; "
+                        f"available: {sorted(metrics)}. Pass metric= (posthoc_select) naming one of them."
+                    )
+                value = metrics[metric]
+            else:
+                value = float(found)
+            rows.append(selection.SweepRow(label, kind, value, texts.get(label, description), metrics=metrics, **row))
+
+        score(selection.RAW, selection.RAW, "the weights the model holds (the raw training weights)")
+        with self.swapped_in():
+            score(
+                selection.EMA,
+                selection.EMA,
+                f"the classic EMA (decay {self.resolved.decay:.6g})",
+                horizon_steps=self.resolved.horizon_steps,
+            )
+        for label, averages in (extra or {}).items():
+            with self.swapped_in(averages):
+                score(label, "average", "an average given to the sweep")
+        for target in targets:
+            try:
+                averages, report = self.posthoc_average(**target.as_kwargs())
+            except ValueError as err:  # out of the snapshots' reach (the same on every rank: the fit is global)
+                if not chosen_grid:
+                    logger.info(f"SEMA: the default post-hoc grid's {target.label} is out of reach: {err}")
+                    continue
+                message = f"SEMA: posthoc_grid's {target.label} cannot be reconstructed, so it is not compared: {err}"
+                logger.warning(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
+                rows.append(
+                    selection.SweepRow(
+                        target.label,
+                        target.kind,
+                        math.nan,
+                        f"post-hoc average, {target.kind} {target.value:g}: out of reach",
+                        value=target.value,
+                        fit={"error": str(err)},
+                    )
+                )
+                continue
+            with self.swapped_in(averages):
+                score(
+                    target.label,
+                    target.kind,
+                    f"post-hoc average, {target.kind} {target.value:g}",
+                    value=target.value,
+                    horizon_steps=selection.horizon_steps_of(target, self.global_step, self.steps_per_epoch),
+                    fit=_report_dict(report),
+                )
+            del averages
+        best = _rank0_index(selection.choose([row.score for row in rows], greater_is_better))
+        sweep = selection.PosthocSweep(
+            metric=metric,
+            greater_is_better=greater_is_better,
+            rows=rows,
+            chosen=rows[best].label,
+            step=self.global_step,
+            data=data,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.last_posthoc_sweep = sweep
+        return sweep
+
+    def _posthoc_targets(self, grid: Any) -> list[selection.Target]:
+        if grid is None:
+            grid = self.config.posthoc_grid
+        if grid is not None:
+            return selection.parse_grid(grid)
+        total = self.global_step or None
+        return selection.default_grid(
+            getattr(self.config, "posthoc_sigma_rels", None) or (), self.steps_per_epoch, total
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (no tensors). For ``accelerator.register_for_checkpointing(sema)``, which pickles it from
@@ -322,12 +550,22 @@ class SEMA:
         evaluate: Callable[[], float] | None = None,
         *,
         greater_is_better: bool = False,
+        posthoc: selection.PosthocSweep | selection.SweepRow | str | None = None,
     ) -> str:
         """At the end of training: leave in the model the weights ``final_weights`` names, and return which
         (``"ema"`` or ``"model"``). Under ``switch_policy="if_better"`` the average stays out unless it won: the last
-        switch point's decision when no step followed it, else give scores or ``evaluate`` as for `epoch_end`."""
+        switch point's decision when no step followed it, else give scores or ``evaluate`` as for `epoch_end`.
+
+        ``posthoc``: put the weights a post-hoc selection chose in instead, and ignore ``final_weights`` and
+        ``if_better``: a `posthoc_sweep` table (its chosen row), one of its rows, or a label (``"raw"`` keeps the
+        raw weights and returns ``"model"``, ``"ema"`` switches the classic EMA in, a target such as
+        ``"sigma_rel=0.07"`` writes its post-hoc average and returns ``"posthoc"``). ``posthoc_chosen`` records
+        the label."""
         self._refuse_while_swapped("finalize()")
         self._fresh_if_pending()
+        self.posthoc_snapshot()  # the last step's snapshot (the profiles follow training, not the final weights)
+        if posthoc is not None:
+            return self._finalize_posthoc(posthoc)
         final = self.config.final_weights
         if final == "ema" and self.config.switch_policy == "if_better":
             if self.steps_since_decision == 0 and self.last_switch_decision is not None:
@@ -340,11 +578,42 @@ class SEMA:
         self.final_weights_held = final
         return final
 
+    def _finalize_posthoc(self, posthoc: selection.PosthocSweep | selection.SweepRow | str) -> str:
+        if isinstance(posthoc, selection.PosthocSweep):
+            label = posthoc.chosen
+        elif isinstance(posthoc, selection.SweepRow):
+            label = posthoc.label
+        else:
+            label = str(posthoc)
+        if label == selection.RAW:
+            final = "model"
+        elif label == selection.EMA:
+            self.store.switch()
+            final = "ema"
+        else:
+            try:
+                target = selection.parse_target(label)
+            except ValueError:
+                raise ValueError(
+                    f"SEMA.finalize(posthoc={label!r}): not a label finalize can put in: expected 'raw', 'ema' or a "
+                    "post-hoc target such as 'sigma_rel=0.07' (a row the sweep got through extra= is the caller's "
+                    "to write, with write_weights)."
+                ) from None
+            averages, _ = self.posthoc_average(**target.as_kwargs())
+            self.store.write(averages)
+            del averages
+            final = "posthoc"
+        self.posthoc_chosen = label
+        self.final_weights_held = final
+        return final
+
     # ---- the rules, shared with the Trainer's front-end -------------------------------------------------------
     def advance(self, step: int, stepped: bool) -> None:
         """Optimizer step ``step`` (1 for the first) happened; ``stepped``: it changed the weights (not skipped)."""
         self.global_step = step
         if not stepped:
+            if self.profiles is not None:  # the weights after this step are the previous ones: still step ``step``
+                self._update_profiles(step, None)
             return
         self._fresh_if_pending()
         cfg = self.config
@@ -352,14 +621,32 @@ class SEMA:
         if action is schedule.EMAAction.COPY:
             self.store.reset()
             self.last_decay = 0.0
+            if self.profiles is not None:
+                self._update_profiles(step, None)
         elif action is schedule.EMAAction.UPDATE:
             decay = schedule.effective_decay(
                 step, self.resolved.decay, cfg.warmup, self.warmup_steps, cfg.warmup_ratio, cfg.update_every
             )
-            self.store.update(decay)
+            if self.profiles is not None:  # one pass over the weights for the classic EMA and the profiles
+                self._update_profiles(step, 1.0 - decay)
+            else:
+                self.store.update(decay)
             self.num_updates += 1
             self.last_decay = decay
+        elif self.profiles is not None:
+            self._update_profiles(step, None)
         self.steps_since_decision += 1
+
+    def _update_profiles(self, step: int, ema_weight: float | None) -> None:
+        assert self.profiles is not None
+        if self._profiles_fresh_pending:
+            self._profiles_fresh_pending = False
+            if step > 1:
+                self.profiles.reset(step - 1)
+        self.profiles.update(step, ema_weight)
+        every = self.config.posthoc_every_steps
+        if every is not None and step % every == 0:
+            self._posthoc_snapshot(step)
 
     def decide_switch(self, better: bool) -> dict[str, float]:
         """Record a switch point's decision; copy the average in when ``better``. Returns what to log."""
@@ -406,6 +693,168 @@ class SEMA:
         better = score_average > score_raw if greater_is_better else score_average < score_raw
         return _rank0_decision(better)
 
+    # ---- post-hoc EMA -----------------------------------------------------------------------------------------
+    def posthoc_snapshot(self) -> int | None:
+        """Write a snapshot of the post-hoc profiles at the current step unless one exists (every rank must call
+        it: one barrier); `finalize` and the Trainer's train end call it. Returns the step, or None when post-hoc
+        EMA is off or no step was taken yet."""
+        if self.profiles is None or self.profiles.t < 1:
+            return None
+        self._posthoc_snapshot(self.profiles.t)
+        return self.profiles.t
+
+    def posthoc_average(
+        self,
+        sigma_rel: float | None = None,
+        horizon_steps: float | None = None,
+        horizon_epochs: float | None = None,
+        *,
+        max_fit_error: float | None = posthoc.DEFAULT_MAX_FIT_ERROR,
+    ) -> tuple[dict[str, torch.Tensor], posthoc.FitReport]:
+        """The post-hoc average for one target (exactly one of ``sigma_rel``, ``horizon_steps``,
+        ``horizon_epochs``; `sema_hf.posthoc`) at the current step, from every snapshot written so far (a snapshot
+        of the current step is written first): THIS rank's shard only, keyed like ``sema.store.state_dict()``,
+        fp32, combined from this rank's own files with the same weights on every rank (nothing is gathered).
+        Every rank must call it. Returns the tensors and the `posthoc.FitReport`."""
+        if self.profiles is None or self.posthoc_dir is None:
+            raise RuntimeError(
+                "SEMA.posthoc_average needs post-hoc tracking: set posthoc_every_steps (and posthoc_dir)."
+            )
+        if self.posthoc_snapshot() is None:
+            raise RuntimeError(
+                "SEMA.posthoc_average: no optimizer step was taken yet, so there is nothing to average."
+            )
+        index = self._posthoc_index(self.posthoc_steps)
+        target = posthoc.target_of(index, sigma_rel, horizon_steps, horizon_epochs, None)
+        report = posthoc.fit_index(index, target, max_fit_error)
+        layout = self.engine.layout()
+        tensors: dict[str, torch.Tensor] = {}
+        error: BaseException | None = None
+        try:
+            tensors = posthoc.combine(
+                self.posthoc_dir, index, report, layout.rank if layout.sharded else 0, self.store.names
+            )
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+        raise_if_any_rank_failed(error, f"combine the post-hoc snapshots in {self.posthoc_dir!r}")
+        logger.info(f"SEMA: post-hoc EMA {report}")
+        return tensors, report
+
+    def _posthoc_index(self, steps: list[int]) -> dict[str, Any]:
+        layout = self.engine.layout()
+        return {
+            "series_id": self.posthoc_series_id,
+            "engine": layout.engine,
+            "sharded": layout.sharded,
+            "world_size": layout.world_size,
+            "num_shards": layout.world_size if layout.sharded else 1,
+            "params": layout.params,
+            "fingerprint": layout_fingerprint(layout),
+            "steps_per_epoch": self.resolved.steps_per_epoch,
+            "dtype": self.config.posthoc_dtype,
+            "profiles": [
+                {"sigma_rel": s, "gamma": g}
+                for s, g in zip(self.config.posthoc_sigma_rels, self.posthoc_gammas, strict=True)
+            ],
+            "steps": sorted(steps),
+        }
+
+    def _posthoc_writer(self, layout: Any) -> bool:
+        writer = self._writer()
+        return layout.rank == 0 if writer is None else writer
+
+    def _posthoc_snapshot(self, step: int) -> None:
+        assert self.profiles is not None and self.posthoc_dir is not None
+        if step in self.posthoc_steps:
+            return
+        layout = self.engine.layout()
+        if not self._posthoc_folder_checked:
+            error: BaseException | None = None
+            try:
+                self._check_posthoc_folder()
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+                error = err
+            raise_if_any_rank_failed(error, f"write post-hoc snapshots into {self.posthoc_dir!r}")
+            self._posthoc_folder_checked = True
+        posthoc.write_snapshot(
+            self.posthoc_dir,
+            step,
+            self.profiles.state_dict(),
+            layout,
+            self._posthoc_index([*self.posthoc_steps, step]),
+            dtype=getattr(torch, self.config.posthoc_dtype),
+            writer=self._posthoc_writer(layout),
+            barrier=_barrier,
+        )
+        self.posthoc_steps.append(step)
+
+    def _check_posthoc_folder(self) -> None:
+        """Refuse to mix two runs' snapshots in one folder: an index there must be this series'."""
+        assert self.posthoc_dir is not None
+        path = os.path.join(self.posthoc_dir, posthoc.INDEX_NAME)
+        if not os.path.isfile(path):
+            return
+        index = posthoc.read_index(self.posthoc_dir)
+        if index.get("series_id") != self.posthoc_series_id:
+            raise ValueError(
+                f"SEMA: {self.posthoc_dir!r} already holds the post-hoc snapshots of another run (series "
+                f"{index.get('series_id')!r}, steps {index.get('steps')}); this run would mix its snapshots with "
+                "them. Give this run its own output_dir / posthoc_dir, remove the old snapshots, or resume that run "
+                "from its checkpoint."
+            )
+
+    def _posthoc_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The profiles' tensors (named ``posthoc<k>/<slot>``) and the JSON entry for a checkpoint."""
+        assert self.profiles is not None
+        tensors = {
+            posthoc.profile_key(k, name): t
+            for k, averages in enumerate(self.profiles.state_dict())
+            for name, t in averages.items()
+        }
+        meta = {
+            "series_id": self.posthoc_series_id,
+            "t": self.profiles.t,
+            "sigma_rels": list(self.config.posthoc_sigma_rels),
+            "steps": list(self.posthoc_steps),
+        }
+        return tensors, meta
+
+    def _restore_posthoc(self, tensors: dict[str, torch.Tensor], saved: dict[str, Any] | None, folder: str) -> None:
+        """After a checkpoint's averages were read: restore the profiles and the snapshot list of a resumed run, and
+        remove the snapshots a killed run wrote after this checkpoint (they will be written again)."""
+        assert self.profiles is not None and self.posthoc_dir is not None
+        if self.profiles.t > 0:
+            # This core has tracked already (e.g. the Trainer loading the best checkpoint at train end): the
+            # classic EMA is restored; the profiles and snapshots of this run stay as they are.
+            return
+        if saved is None:
+            if not self.config.allow_fresh_ema_on_resume:
+                raise ValueError(
+                    f"SEMA: the checkpoint {folder!r} holds no post-hoc EMA state (saved without "
+                    "posthoc_every_steps), so the profiles cannot continue. Resume with posthoc_every_steps=None, or "
+                    "pass allow_fresh_ema_on_resume=True to restart them from the restored weights."
+                )
+            logger.warning(f"SEMA: no post-hoc state in {folder!r}; the profiles restart from the restored weights.")
+            self._profiles_fresh_pending = True
+            return
+        states = [
+            {name: tensors[posthoc.profile_key(k, name)] for name in self.store.names}
+            for k in range(len(self.posthoc_gammas))
+        ]
+        self.profiles.load_state_dict(states, int(saved["t"]))
+        self.posthoc_series_id = saved["series_id"]
+        self.posthoc_steps = [int(s) for s in saved["steps"] if int(s) <= self.profiles.t]
+        layout = self.engine.layout()
+        writer = self._posthoc_writer(layout)
+        removed = posthoc.remove_snapshots_after(self.posthoc_dir, self.profiles.t, layout, writer=writer)
+        _barrier()
+        if writer and os.path.isdir(self.posthoc_dir):
+            posthoc.write_index(self.posthoc_dir, self._posthoc_index(self.posthoc_steps))
+        _barrier()
+        self._posthoc_folder_checked = True
+        if removed:
+            logger.info(f"SEMA: removed the post-hoc snapshots of steps {removed}, written after {folder!r}.")
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
     @property
     def checkpoint_id(self) -> str:
@@ -427,9 +876,11 @@ class SEMA:
             "config": self.config.to_dict(),
         }
         writer = self._writer() if writer is None else writer
-        _save_ema_checkpoint(
-            folder, self.store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer
-        )
+        averages, layout = self.store.state_dict(), self.engine.layout()
+        if self.profiles is not None:
+            tensors, meta["posthoc"] = self._posthoc_checkpoint()
+            averages, layout = {**averages, **tensors}, _with_profiles(layout, len(self.posthoc_gammas))
+        _save_ema_checkpoint(folder, averages, layout, meta, barrier=_barrier, writer=writer)
 
     def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
@@ -444,6 +895,7 @@ class SEMA:
             if allow_fresh:
                 logger.warning(f"SEMA: no EMA state in {folder!r}; the average restarts from the restored weights.")
                 self._fresh_pending = True
+                self._profiles_fresh_pending = self.profiles is not None and self.profiles.t == 0
                 return {}
             error: BaseException | None = (
                 FileNotFoundError(
@@ -458,13 +910,23 @@ class SEMA:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
         error = None
+        saved_posthoc: dict[str, Any] | None = None
         try:
-            tensors, meta = load_ema_checkpoint(folder, self.engine.layout())
-            self.store.check_state_dict(tensors)
+            layout = self.engine.layout()
+            saved_posthoc = read_ema_state(folder).get("posthoc")
+            if self.profiles is not None and saved_posthoc is not None:
+                if [float(s) for s in saved_posthoc["sigma_rels"]] != list(self.config.posthoc_sigma_rels):
+                    raise ValueError(
+                        f"SEMA: the checkpoint {folder!r} tracked posthoc_sigma_rels {saved_posthoc['sigma_rels']}, "
+                        f"this run {list(self.config.posthoc_sigma_rels)}: resume with the same profiles."
+                    )
+                layout = _with_profiles(layout, len(self.posthoc_gammas))
+            tensors, meta = load_ema_checkpoint(folder, layout)
+            self.store.check_state_dict({n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)})
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
             error = err
         raise_if_any_rank_failed(error, f"restore the EMA from {folder!r}")
-        self.store.load_state_dict(tensors)
+        self.store.load_state_dict({n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)})
         self.global_step = meta["global_step"]
         self.num_updates = meta["num_updates"]
         self.num_switches = meta["num_switches"]
@@ -473,6 +935,13 @@ class SEMA:
         self.steps_since_decision = meta.get("steps_since_decision", 0)
         self.epochs_completed = meta.get("epochs_completed", 0)
         self._fresh_pending = False
+        if self.profiles is not None:
+            error = None
+            try:
+                self._restore_posthoc(tensors, saved_posthoc, folder)
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+                error = err
+            raise_if_any_rank_failed(error, f"restore the post-hoc EMA from {folder!r}")
         return meta
 
     def remove_hooks(self) -> None:
@@ -544,6 +1013,23 @@ class SEMA:
             ) from err
 
 
+_PROFILE_KEY = re.compile(r"^posthoc\d+/")
+
+
+def _with_profiles(layout: Layout, num_profiles: int) -> Layout:
+    """``layout`` extended by the post-hoc profiles' tensors (``posthoc<k>/<slot>``, placed like their slots), so
+    that the checkpoint code saves, checks and re-shards them with the EMA."""
+    slots = list(layout.slots) + [
+        (posthoc.profile_key(k, name), shape) for k in range(num_profiles) for name, shape in layout.slots
+    ]
+    extra = dict(layout.extra)
+    if "pieces" in extra:
+        extra["pieces"] = list(extra["pieces"]) + [
+            [posthoc.profile_key(k, name), a, b] for k in range(num_profiles) for name, a, b in extra["pieces"]
+        ]
+    return dataclasses.replace(layout, slots=slots, extra=extra)
+
+
 def loop_warmup_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int:
     """The decay warmup's length in optimizer steps: ``warmup_steps``, else one epoch; refuse what needs an epoch's
     length the loop did not give (``ValueError`` naming the fix)."""
@@ -597,6 +1083,28 @@ def _rank0_decision(better: bool) -> bool:
     t = _flag_tensor(int(better))
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def _rank0_index(index: int) -> int:
+    """Rank 0's choice of row on every rank: ranks that chose differently would hold different weights."""
+    if not _distributed():
+        return index
+    t = _flag_tensor(index)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    """A post-hoc fit report as a JSON-ready dict (it may be a dataclass, a mapping or a number)."""
+    if report is None:
+        return {}
+    if callable(getattr(report, "to_dict", None)):
+        report = report.to_dict()
+    elif dataclasses.is_dataclass(report) and not isinstance(report, type):
+        report = dataclasses.asdict(report)
+    if isinstance(report, Mapping):
+        return {str(k): (v.tolist() if hasattr(v, "tolist") else v) for k, v in report.items()}
+    return {"report": report.tolist() if hasattr(report, "tolist") else report}
 
 
 def _entry_check_group(engine: EngineAdapter) -> Any | None:

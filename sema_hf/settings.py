@@ -9,6 +9,8 @@ Refused at train start, with the reason (each would otherwise silently do the wr
   the weights run through its evaluation loop), and ``if_better`` without an eval set or without an evaluation by
   the Trainer at every switch point (``eval_strategy``, ``eval_steps``, also as a ratio of the run, and
   ``eval_delay``, which skips the evaluations before it);
+* ``posthoc_select`` without an identifiable Trainer or without an eval set (or naming none of a dict's sets):
+  the selection runs at the end of the run, after all its cost;
 * a ``metric_for_best_model`` naming a key of SEMA's (``eval_ema_*``, ``eval_raw_*``) that this run never
   measures, and ``eval_raw_*`` with ``load_best_model_at_end`` (the raw weights before a switch point's decision,
   which a checkpoint saved after a switch no longer holds).
@@ -58,6 +60,8 @@ def check_run_settings(
         )
     if config.switch_policy == "if_better":
         _check_if_better(config, args, trainer, steps_per_epoch, state)
+    if config.posthoc_select is not None:
+        _check_posthoc_select(config, trainer)
     _check_metric_for_best_model(config, args)
     hub_strategy = _option(args.hub_strategy)
     if args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
@@ -160,6 +164,29 @@ def _check_if_better(
             f"(eval_steps={eval_steps}{delay}) does not evaluate at every switch point (every {interval} optimizer "
             "steps): use eval_strategy='epoch' for epoch switches, or eval_steps dividing switch_every_steps, and "
             "no eval_delay past the first switch point."
+        )
+
+
+def _check_posthoc_select(config: SEMAConfig, trainer: Trainer | None) -> None:
+    """``posthoc_select`` scores its candidates with SEMA's own passes over the Trainer's eval set, at the end of
+    ``train()``: refuse at the start what would make it fail after the whole run."""
+    select = config.posthoc_select
+    if trainer is None:
+        raise RuntimeError(
+            f"SEMACallback(posthoc_select={select!r}) evaluates the candidates through the Trainer's evaluation loop, "
+            "but the Trainer running it is unknown: call callback.set_trainer(trainer) before trainer.train()."
+        )
+    sets = trainer.eval_dataset
+    if sets is None:
+        raise ValueError(
+            f"SEMAConfig.posthoc_select = {select!r} chooses the average on the eval set at the end of train(), but "
+            "the Trainer has no eval_dataset: pass eval_dataset= (held-out data, not the training set) to the Trainer."
+        )
+    key = evaluation.plain_metric(select)
+    if isinstance(sets, dict) and not any(key.startswith(f"eval_{name}_") for name in sets):
+        raise ValueError(
+            f"SEMAConfig.posthoc_select = {select!r}: with several eval sets {sorted(sets)} it must name the one to "
+            f"choose on, e.g. 'eval_{next(iter(sets))}_loss'."
         )
 
 

@@ -94,6 +94,11 @@ def _pieces(
         yield source[start : start + rows], average[start : start + rows]
 
 
+def _on(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` on ``like``'s device (a copy only when it is elsewhere; the dtype is cast by the copy itself)."""
+    return value if value.device == like.device else value.to(like.device)
+
+
 def _grouped_copies(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -244,22 +249,42 @@ class EMAStore:
             torch._foreach_copy_(targets, averages)
         self._after_write()
 
+    @torch.no_grad()
+    def write(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``values`` (this rank's tensors by slot name, shaped like `state_dict`'s: e.g. a post-hoc
+        reconstruction) into the model for good, exactly as `switch` writes the averages: into what the optimizer
+        updates (``source``) and what the forward reads (``compute``), then the engine's ``after_write``. The
+        averages themselves are untouched."""
+        self.check_state_dict(values)
+        pairs = [(s.source, values[s.name]) for s in self.slots]
+        pairs += [(s.compute, values[s.name]) for s in self.slots if s.compute is not None]
+        for targets, sources in _grouped_copies([(d, _on(v, d)) for d, v in pairs]):
+            torch._foreach_copy_(targets, sources)
+        self._after_write()
+
     @contextmanager
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self, averages: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
         """Within the block the forward reads the averages; the raw weights always come back afterwards, bit for bit.
+
+        ``averages``: other tensors to read instead of the store's own (this rank's tensors by slot name, shaped like
+        `state_dict`'s: a post-hoc reconstruction, a checkpoint's average); checked against the slots first.
 
         Only what the forward reads is written (not fp32 master copies), so the optimizer never sees the average.
         Costs one copy of the forward tensors while inside the block.
         """
+        if averages is None:
+            averages = self._averages
+        else:
+            self.check_state_dict(averages)
         if self._backup_forward is not None:
-            with self._swapped_in_with_engine_backup():
+            with self._swapped_in_with_engine_backup(averages):
                 yield
             return
         with torch.no_grad():
             targets = [s.forward_tensor for s in self.slots]
             backup = [t.clone() for t in targets]
             for s, t in zip(self.slots, targets, strict=True):
-                t.copy_(self._averages[s.name])
+                t.copy_(averages[s.name])
             self._after_write()
         try:
             yield
@@ -271,7 +296,7 @@ class EMAStore:
                 self._after_write()
 
     @contextmanager
-    def _swapped_in_with_engine_backup(self) -> Iterator[None]:
+    def _swapped_in_with_engine_backup(self, averages: Mapping[str, torch.Tensor]) -> Iterator[None]:
         """`swapped_in` for an engine that backs up (and restores, locally) the full forward tensors itself."""
         assert self._backup_forward is not None
         with torch.no_grad():
@@ -279,7 +304,7 @@ class EMAStore:
         try:
             with torch.no_grad():
                 for s in self.slots:
-                    s.forward_tensor.copy_(self._averages[s.name])
+                    s.forward_tensor.copy_(averages[s.name])
                 self._after_write()
             yield
         finally:

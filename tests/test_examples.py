@@ -324,6 +324,24 @@ def test_if_better_decides_on_the_held_out_digits_and_the_test_digits_are_report
     assert callback.num_switches == sum(decisions)
 
 
+def test_posthoc_select_chooses_on_the_validation_digits_and_saves_the_choice(captured, tmp_path):
+    out = str(tmp_path / "vit-posthoc")
+    flags = ["--validation_samples", "16", "--posthoc_every_steps", "1", "--posthoc_select", "eval_loss"]
+    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT, *flags])
+    (callback,) = captured
+    assert callback.config.posthoc_select == "eval_validation_loss"  # never chosen on the test digits it reports
+    sweep = callback.posthoc_sweep
+    assert sweep.data == "eval_dataset['validation'] (16 examples)"  # the test digits are not even evaluated
+    assert all(set(row.metrics) == {"eval_validation_loss", "eval_validation_accuracy"} for row in sweep.rows)
+    assert sweep.chosen == min(sweep.rows, key=lambda r: r.score).label
+    # The script's evaluation after training reads the model as saved: the chosen candidate.
+    assert metrics["eval_validation_loss"] == pytest.approx(sweep.chosen_row.score, abs=1e-5)
+    assert os.path.isfile(os.path.join(out, "posthoc_sweep.json")) and os.path.isfile(
+        os.path.join(out, "posthoc_sweep.png")
+    )
+    assert f"**`{sweep.chosen}`**" in _card(out).text
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -149,6 +149,22 @@ def test_the_loop_saves_and_pushes_the_average_it_evaluated_and_logs_ema_values(
     assert os.path.isdir(os.path.join(out, "epoch_1"))
 
 
+def test_posthoc_select_sweeps_after_the_loop_and_saves_the_chosen_weights(tmp_path):
+    out = str(tmp_path / "posthoc")
+    flags = [*TINY, "--switch_policy", "always", "--posthoc_every_steps", "1", "--posthoc_select", "eval_loss"]
+    metrics = run_clm_no_trainer.main(["--output_dir", out, *flags])
+    with open(os.path.join(out, "posthoc_sweep.json"), encoding="utf-8") as f:
+        sweep = json.load(f)
+    rows = {row["label"]: row["score"] for row in sweep["rows"]}
+    assert list(rows)[:2] == ["raw", "ema"] and len(rows) > 2  # the default grid, less what 6 snapshots miss
+    assert sweep["chosen"] == min(rows, key=rows.get) and sweep["data"] == "the validation split (8 blocks)"
+    # The final evaluation and the saved model are the chosen weights.
+    assert metrics["eval_loss"] == pytest.approx(rows[sweep["chosen"]], abs=1e-6)
+    assert _eval_loss_of_saved_model(out) == pytest.approx(rows[sweep["chosen"]], abs=1e-5)
+    assert os.path.isfile(os.path.join(out, "posthoc_sweep.png"))
+    assert "How these weights were chosen" in ModelCard.load(os.path.join(out, "README.md")).text
+
+
 def test_the_guarded_switch_is_the_default_and_keeps_the_raw_weights_when_the_average_loses(tmp_path, monkeypatch):
     tracker = RecordingTracker()
     _with_tracker(monkeypatch, tracker)
