@@ -228,6 +228,10 @@ class SEMA:
                 f"SEMA: posthoc_every_steps = {cfg.posthoc_every_steps} needs a folder for the snapshots: pass "
                 "SEMA(..., posthoc_dir=...) (the Trainer's callback uses <output_dir>/sema_posthoc)."
             )
+        if _distributed():  # one series id on every rank: the files of all ranks name the same run
+            shared = [self.posthoc_series_id]
+            dist.broadcast_object_list(shared, src=0)
+            self.posthoc_series_id = shared[0]
         self.posthoc_gammas = [posthoc.sigma_rel_to_gamma(s) for s in cfg.posthoc_sigma_rels]
         self.profiles = PowerProfiles(
             self.store.slots,

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sema_hf import SEMA
+from sema_hf import SEMA, SEMACallback
 from sema_hf.posthoc import (
     INDEX_NAME,
     Target,
@@ -27,7 +29,7 @@ from sema_hf.posthoc import (
 )
 from sema_hf.profiles import power_beta
 
-from tiny import tiny_model
+from tiny import StopAt, tiny_model, tiny_trainer
 
 DIM = 8
 
@@ -270,7 +272,7 @@ def test_target_outside_the_reachable_range_is_refused_naming_the_range(long_run
     with pytest.raises(ValueError, match="exactly one of sigma_rel, horizon_steps, horizon_epochs"):
         reconstruct(str(long_run["dir"]), sigma_rel=0.07, horizon_steps=10)
     with pytest.raises(ValueError, match="horizon_epochs needs the run's optimizer steps per epoch"):
-        reconstruct(str(long_run["dir"]), horizon_epochs=1.0)
+        reconstruct(str(long_run["dir"]), horizon_epochs=0.5)
 
 
 def test_fewer_snapshots_than_the_fit_needs_is_an_error(tmp_path):
@@ -370,3 +372,66 @@ def test_bfloat16_snapshots_store_bf16_and_reconstruct_within_bf16_rounding(tmp_
     b = reconstruct(str(tmp_path / "bf16"), sigma_rel=0.07)
     scale = max(v.abs().max().item() for v in a.values())
     assert 0 < max_diff(a, b) < 2**-8 * scale * b.report.amplification
+
+
+# ---- the Trainer: snapshots under output_dir, resume, the command line -----------------------------------------------
+
+
+def _trainer_settings():
+    # 32 samples, batch 8: 4 steps per epoch, 3 epochs; checkpoints every 4 steps; switches at epoch ends
+    return dict(num_train_epochs=3, save_strategy="steps", save_steps=4, eval_strategy="no")
+
+
+def test_trainer_run_resumed_after_a_crash_continues_the_series_and_ends_equal(tmp_path):
+    kwargs = dict(decay=0.8, warmup="none", posthoc_every_steps=3)
+    full = SEMACallback(**kwargs)
+    tiny_trainer(str(tmp_path / "full"), [full], **_trainer_settings()).train()
+    assert full.core.posthoc_steps == [3, 6, 9, 12]
+
+    crashed = SEMACallback(**kwargs)
+    tiny_trainer(str(tmp_path / "split"), [crashed, StopAt(7)], **_trainer_settings()).train()
+    # the cut-short run wrote snapshots at 6 and (train end) 7, after its last checkpoint (step 4)
+    assert crashed.core.posthoc_steps == [3, 6, 7]
+    resumed = SEMACallback(**kwargs)
+    tiny_trainer(str(tmp_path / "split"), [resumed], **_trainer_settings()).train(
+        resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-4")
+    )
+    assert resumed.core.posthoc_steps == [3, 6, 9, 12]
+    folder, whole = tmp_path / "split" / "sema_posthoc", tmp_path / "full" / "sema_posthoc"
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(whole))  # step 7's snapshot is gone
+    for step in (3, 6, 9, 12):
+        a = load_file(str(whole / snapshot_file_name(step, 0, 1)))
+        b = load_file(str(folder / snapshot_file_name(step, 0, 1)))
+        assert all(torch.equal(a[n], b[n]) for n in a), step
+    got, expected = (
+        reconstruct(str(tmp_path / "split"), horizon_epochs=0.5),
+        reconstruct(str(tmp_path / "full"), horizon_epochs=0.5),
+    )
+    assert got.report.target.horizon_steps == 2.0  # the Trainer's 4 optimizer steps per epoch were recorded
+    assert max_diff(got, expected) == 0.0
+
+
+def test_command_line_writes_the_saved_model_with_the_reconstructed_weights(tmp_path):
+    out = tmp_path / "run"
+    trainer = tiny_trainer(
+        str(out), [SEMACallback(decay=0.8, warmup="none", posthoc_every_steps=2)], num_train_epochs=4
+    )
+    trainer.train()
+    trainer.save_model()
+    (out / "notes.txt").write_text("kept")  # stands for config / tokenizer files: copied as they are
+    save = tmp_path / "chosen"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sema_hf.posthoc", str(out), "--sigma_rel", "0.07", "--save", str(save)],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "relative L2 error" in proc.stdout
+    expected = reconstruct(str(out), sigma_rel=0.07)
+    model = tiny_model(seed=5)
+    model.load_state_dict(load_file(str(save / "model.safetensors")))
+    assert max_diff(params(model), dict(expected)) == 0.0
+    assert (save / "notes.txt").read_text() == "kept"
+    fit = json.loads((save / "posthoc_fit.json").read_text())
+    assert fit["target"]["sigma_rel"] == 0.07 and fit["relative_error"] == expected.report.relative_error
