@@ -2,29 +2,32 @@
 
 A page writes the marker line ``<!-- sema-config-fields -->``; the hook replaces it with a table of
 ``dataclasses.fields(SEMAConfig)``: name, type, default, and the ``metadata["help"]`` text (plus its ``choices``).
-``sema_hf/config.py`` imports only the standard library, so it is loaded from its file alone: the build imports
-neither torch nor transformers. A field without help text fails the build.
+``sema_hf/config.py`` (and ``selection.py``, which it imports) use only the standard library, so they are loaded
+from their files under a stand-in package: the build imports neither torch nor transformers. A field without help text fails the build.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import re
 import sys
+import types
 from pathlib import Path
 
 MARKER = "<!-- sema-config-fields -->"
-CONFIG_FILE = Path(__file__).resolve().parents[2] / "sema_hf" / "config.py"
-_MODULE_NAME = "_sema_hf_config_for_docs"
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / "sema_hf"
+_PACKAGE = "_sema_hf_for_docs"
 
 
 def _load_config_class() -> type:
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE_NAME] = module  # dataclasses looks the module up while processing the class
-    spec.loader.exec_module(module)
-    return module.SEMAConfig
+    # A stand-in package over sema_hf/ whose __init__ is not run: config.py and what it imports relatively
+    # (selection.py, standard library only) load from their files, without torch or transformers.
+    if _PACKAGE not in sys.modules:
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [str(PACKAGE_DIR)]
+        sys.modules[_PACKAGE] = package
+    return importlib.import_module(f"{_PACKAGE}.config").SEMAConfig
 
 
 def _escape(text: str) -> str:
