@@ -15,7 +15,8 @@ run in the same processes, round by round in rotating order, each round after a 
   student's; under ZeRO-3 the student's trainable parameters are gathered for it every step
   (``deepspeed.zero.GatheredParameters``, all at once).
 
-Reported per rank: the median step time (ms, over the rounds) and its ratio to ``student``; the teacher's memory
+Reported per rank: the median step time (ms, over the rounds) and its ratio to ``student``; the time of entering
+and leaving ``swapped_in()`` alone (no forward), which shows how much of the swap's cost is the teacher's forward; the teacher's memory
 held between steps (the average, or the copy: bytes of the tensors, not a profiler) and the transient memory of the
 swap (the backup of the forward tensors) or of the copy's update (the gathered trainable parameters under ZeRO-3).
 
@@ -126,13 +127,24 @@ def run(engine: str, model_name: str, adapter: str, rounds: int) -> dict:
         _barrier()
         return time.perf_counter() - start
 
+    def swap_alone() -> float:
+        _barrier()
+        start = time.perf_counter()
+        with sema.swapped_in():
+            pass
+        _barrier()
+        return time.perf_counter() - start
+
     methods = ["student", "swap", "copy"]
-    times: dict[str, list[float]] = {m: [] for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in [*methods, "swap_alone"]}
     for r in range(WARMUP + rounds):
         for m in methods[r % 3 :] + methods[: r % 3]:
             elapsed = step(m)
             if r >= WARMUP:
                 times[m].append(elapsed)
+        elapsed = swap_alone()
+        if r >= WARMUP:
+            times["swap_alone"].append(elapsed)
     forward = [s.forward_tensor for s in sema.store.slots]
     full_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     row = {
@@ -190,15 +202,15 @@ def mib(n: int) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| engine | ranks | adapter | step: student | swap | copy | swap / student | copy / student | swap / copy "
-        "| teacher held, swap (MiB) | held, copy (MiB) | transient, swap | transient, copy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| swap in + out alone | teacher held, swap (MiB) | held, copy (MiB) | transient, swap | transient, copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = r["ms"]
         lines.append(
             f"| {r['engine']} | {r['world']} | {r['adapter']} | {ms['student']:.1f} ms | {ms['swap']:.1f} ms | "
             f"{ms['copy']:.1f} ms | {ms['swap'] / ms['student']:.2f} | {ms['copy'] / ms['student']:.2f} | "
-            f"{ms['swap'] / ms['copy']:.2f} | {mib(r['held_bytes']['swap'])} | {mib(r['held_bytes']['copy'])} | "
+            f"{ms['swap'] / ms['copy']:.2f} | {ms['swap_alone']:.1f} ms | {mib(r['held_bytes']['swap'])} | {mib(r['held_bytes']['copy'])} | "
             f"{mib(r['transient_bytes']['swap'])} | {mib(r['transient_bytes']['copy'])} |"
         )
     return "\n".join(lines)
