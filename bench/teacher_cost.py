@@ -16,9 +16,10 @@ run in the same processes, round by round in rotating order, each round after a 
   (``deepspeed.zero.GatheredParameters``, all at once).
 
 Reported per rank: the median step time (ms, over the rounds) and its ratio to ``student``; the time of entering
-and leaving ``swapped_in()`` alone (no forward), which shows how much of the swap's cost is the teacher's forward; the teacher's memory
-held between steps (the average, or the copy: bytes of the tensors, not a profiler) and the transient memory of the
-swap (the backup of the forward tensors) or of the copy's update (the gathered trainable parameters under ZeRO-3).
+and leaving ``swapped_in()`` alone (no forward), which shows how much of the swap's cost is the teacher's forward;
+the teacher's memory held between steps (the average, or the copy: bytes of the tensors, not a profiler) and the
+transient memory of the swap (the backup of the forward tensors) or of the copy's update (the gathered trainable
+parameters under ZeRO-3).
 
 Run: ``python bench/teacher_cost.py [--model mini] [--rounds 12] [--adapters lora,full] [--json out.json]``: one
 process, then 2 ranks with DDP and with DeepSpeed ZeRO-3 (torchrun, gloo on CPU, one thread per rank).
@@ -210,8 +211,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['engine']} | {r['world']} | {r['adapter']} | {ms['student']:.1f} ms | {ms['swap']:.1f} ms | "
             f"{ms['copy']:.1f} ms | {ms['swap'] / ms['student']:.2f} | {ms['copy'] / ms['student']:.2f} | "
-            f"{ms['swap'] / ms['copy']:.2f} | {ms['swap_alone']:.1f} ms | {mib(r['held_bytes']['swap'])} | {mib(r['held_bytes']['copy'])} | "
-            f"{mib(r['transient_bytes']['swap'])} | {mib(r['transient_bytes']['copy'])} |"
+            f"{ms['swap'] / ms['copy']:.2f} | {ms['swap_alone']:.1f} ms | {mib(r['held_bytes']['swap'])} | "
+            f"{mib(r['held_bytes']['copy'])} | {mib(r['transient_bytes']['swap'])} | {mib(r['transient_bytes']['copy'])} |"
         )
     return "\n".join(lines)
 

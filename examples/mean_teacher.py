@@ -109,8 +109,8 @@ def train(
     weight: float = 1.0,
     on_teacher: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[tuple[float, float]]:
-    """The mean-teacher loop; returns the student's LM loss and the consistency cost of every step. ``on_teacher(step, batch,
-    teacher_logits)`` is called right after the teacher's forward (a test hook)."""
+    """The mean-teacher loop; returns the student's LM loss and the consistency cost of every step.
+    ``on_teacher(step, batch, teacher_logits)`` is called right after the teacher's forward (a test hook)."""
     costs = []
     for step, batch in enumerate(data):
         batch = batch.to(accelerator.device)

@@ -276,8 +276,8 @@ class SEMA:
                 "SEMA.ema_state_dict(whole_model=True) needs the model, and this SEMA was built by a front-end "
                 "that did not give it (SEMACallback): call it with whole_model=False."
             )
-        on_cpu = any(t.device.type == "cpu" for t in averages.values()) and self.engine.name != "local"
-        return whole_model_state_dict(self._model, averages, self.engine.name, on_cpu=on_cpu)
+        # Sharded adapters gather the averages onto the CPU; the local one keeps them on the weights' device.
+        return whole_model_state_dict(self._model, averages, self.engine.name, on_cpu=self.engine.name != "local")
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -478,9 +478,10 @@ class SEMA:
 
     def save(self, folder: str, *, writer: bool | None = None) -> None:
         """Write this rank's average and the counters into ``folder`` (the callback's file format: one safetensors
-        file per shard and ``sema_state.json``; in the subfolder ``sema_<name>/`` for a named SEMA, `state_folder`). Every rank must call it; ``accelerator.save_state`` does.
-        ``writer``: whether this process writes the files needed once (default: accelerate's main process, or each
-        node's first with ``save_on_each_node``; rank 0 without an accelerator)."""
+        file per shard and ``sema_state.json``; in the subfolder ``sema_<name>/`` for a named SEMA, `state_folder`).
+        Every rank must call it; ``accelerator.save_state`` does. ``writer``: whether this process writes the files
+        needed once (default: accelerate's main process, or each node's first with ``save_on_each_node``; rank 0
+        without an accelerator)."""
         self._fresh_if_pending()
         meta = {
             "name": self.name,
@@ -503,8 +504,8 @@ class SEMA:
     def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
         callback), re-sharding when the world size or the engine differs. Only this SEMA's own files are read (those
-        of its ``name``, `state_folder`), and the name recorded with them must be its own. Every rank must call it. An error on any
-        rank (no EMA state, a damaged shard, another model) is raised on every rank.
+        of its ``name``, `state_folder`), and the name recorded with them must be its own. Every rank must call it.
+        An error on any rank (no EMA state, a damaged shard, another model) is raised on every rank.
 
         A folder without EMA state is an error, unless ``allow_fresh`` (default: ``allow_fresh_ema_on_resume``):
         then the average restarts from the weights at the next `step` (counters from zero)."""

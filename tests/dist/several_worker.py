@@ -103,6 +103,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
+def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return sorted(a) == sorted(b) and all(a[n].shape == b[n].shape for n in a)
+
+
 def run(out_dir: str, engine: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = os.path.join(out_dir, engine)
@@ -124,9 +128,13 @@ def run(out_dir: str, engine: str) -> None:
         "names": names,
         "files": sorted(os.listdir(ckpt)),
         # how far apart the averages are: had one been handed the other's, the resumed difference would show it
-        "apart": {f"{a}/{b}": max_diff(saved[a], saved[b]) for a in names for b in names if a < b and
-                  sorted(saved[a]) == sorted(saved[b]) and all(saved[a][n].shape == saved[b][n].shape for n in saved[a])},
-    }  # fmt: skip
+        "apart": {
+            f"{a}/{b}": max_diff(saved[a], saved[b])
+            for a in names
+            for b in names
+            if a < b and same_shapes(saved[a], saved[b])
+        },
+    }
     for _, _, sema in runs.values():
         sema.remove_hooks()
     if engine == "zero3":
