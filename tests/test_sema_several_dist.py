@@ -1,6 +1,6 @@
-"""Several `SEMA` objects on 2 gloo ranks (``tests/dist/several_worker.py``): under DDP a student/teacher pair of
-different shapes and a same-shape generator/discriminator pair on one accelerator, under DeepSpeed ZeRO-3 two
-horizons of one model; each average resumes from one ``save_state`` folder to its own value bit-exactly, and each
+"""Several `SEMA` objects on 2 gloo ranks (``tests/dist/several_worker.py``): a student/teacher pair of different
+shapes and a same-shape generator/discriminator pair on one accelerator, under DDP and under DeepSpeed ZeRO-3 (one
+plugin per model), and two horizons of one ZeRO-3 model; each average resumes from one ``save_state`` folder to its own value bit-exactly, and each
 re-shards onto this single process. Then the mean-teacher recipe (``examples/mean_teacher.py``) under ZeRO-3 with a
 LoRA adapter (``tests/dist/mean_teacher_worker.py``)."""
 
@@ -19,18 +19,18 @@ from sema_hf import SEMA
 from launch import run_torchrun
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-from several_worker import DDP_MODELS, ZERO3_AVERAGES, wide_gpt2  # noqa: E402
+from several_worker import MODELS, ZERO3_AVERAGES, wide_gpt2  # noqa: E402
 from sharded_setup import tiny_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
-NAMES = {"ddp": list(DDP_MODELS), "zero3": list(ZERO3_AVERAGES)}
+NAMES = {"ddp": list(MODELS), "zero3-models": list(MODELS), "zero3": list(ZERO3_AVERAGES)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("several")
-    run_torchrun("tests/dist/several_worker.py", str(out), "ddp", "zero3", timeout=400)
+    run_torchrun("tests/dist/several_worker.py", str(out), *NAMES, timeout=400)
     return {
         engine: {
             "dir": out / engine,
@@ -57,6 +57,7 @@ def test_each_average_has_its_own_folder_in_one_save_state(engine, runs):
 def test_each_average_resumes_to_its_own_value_bit_exactly(engine, runs):
     for result in runs[engine]["ranks"]:
         assert min(result["apart"].values()) > 1e-3  # same-shape averages that differ: a mix-up would show
+        assert min(result["weights_moved"].values()) > 1e-3  # every model trained
         for name in NAMES[engine]:
             assert result["loaded_step"][name] == 3 and result["loaded_diff"][name] == 0.0
             assert result["resumed_diff"][name] == 0.0 and result["resumed_weights_diff"][name] == 0.0

@@ -1,15 +1,18 @@
 """2-rank worker: several `SEMA` objects on one accelerator, saved by one ``accelerator.save_state`` and restored by
 one ``load_state``.
 
-Usage: ``several_worker.py OUT_DIR ENGINE [ENGINE...]`` with ENGINE ``ddp`` or ``zero3``:
+Usage: ``several_worker.py OUT_DIR ENGINE [ENGINE...]`` with ENGINE ``ddp``, ``zero3-models`` or ``zero3``:
 
 * ``ddp``: four models prepared by one accelerator, each with its own optimizer and its own SEMA: a student (the
   tiny GPT-2) and a teacher of another shape (width 48), and a same-shape pair, a generator and a discriminator (the
   tiny GPT-2 from two seeds, trained on other batches). Names ``student``, ``teacher``, ``generator``,
   ``discriminator``; decays 0.6, 0.7, 0.5, 0.8.
-* ``zero3``: DeepSpeed ZeRO-3 prepares one model (accelerate's DeepSpeed integration takes one model per plugin),
-  and two SEMA average it at two horizons (``fast``: decay 0.5, ``slow``: 0.9): two averages of the same shapes in
-  the same folder.
+* ``zero3-models``: the same four models under DeepSpeed ZeRO-3, one DeepSpeed plugin per model
+  (``Accelerator(deepspeed_plugins={...})``, ``accelerator.state.select_deepspeed_plugin(name)`` before each
+  ``prepare``). ``accelerator.backward`` steps the first engine only, so the other three call their engine's own
+  ``backward`` and ``step``.
+* ``zero3``: two SEMA over one ZeRO-3 model at two horizons (``fast``: decay 0.5, ``slow``: 0.9): two averages of
+  the same shapes in the same folder.
 
 Each run trains 6 optimizer steps, ``save_state`` at step 3; then a second accelerator, models and SEMA load that
 state and train steps 4-6 again. Writes into ``OUT_DIR/ENGINE/``: ``ckpt3/``, ``ema3_<name>.safetensors`` (each
@@ -18,6 +21,7 @@ gathered average at step 3, rank 0) and ``result_rank{r}.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -31,13 +35,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
-from loop_worker import full_masters, make_accelerator, rank_batches  # noqa: E402
+from loop_worker import ZERO3, full_masters, make_accelerator, rank_batches  # noqa: E402
 from sharded_setup import tiny_gpt2  # noqa: E402
 
 from sema_hf import SEMA  # noqa: E402
 
 STEPS, SAVE_AT = 6, 3
-DDP_MODELS = {"student": 0.6, "teacher": 0.7, "generator": 0.5, "discriminator": 0.8}
+MODELS = {"student": 0.6, "teacher": 0.7, "generator": 0.5, "discriminator": 0.8}  # name: decay
 ZERO3_AVERAGES = {"fast": 0.5, "slow": 0.9}
 
 
@@ -49,8 +53,36 @@ def wide_gpt2(seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def fresh_models() -> dict[str, GPT2LMHeadModel]:
+    return {"student": tiny_gpt2(0), "teacher": wide_gpt2(1), "generator": tiny_gpt2(2), "discriminator": tiny_gpt2(3)}
+
+
+def zero3_models_accelerator() -> Accelerator:
+    """ZeRO-3 with one DeepSpeed plugin per model (accelerate's API for several DeepSpeed models), each selected in
+    turn for ``prepare``."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    PartialState(cpu=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    plugins = {name: DeepSpeedPlugin(hf_ds_config=copy.deepcopy(ZERO3)) for name in MODELS}
+    return Accelerator(deepspeed_plugins=plugins)
+
+
 def build(engine: str):
     """-> accelerator, {name: (model, optimizer, sema)} (a model shared by several averages appears under each)."""
+    if engine == "zero3-models":
+        accelerator = zero3_models_accelerator()
+        out = {}
+        for name, model in fresh_models().items():
+            accelerator.state.select_deepspeed_plugin(name)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
+            model, optimizer = accelerator.prepare(model, optimizer)
+            sema = SEMA(model, optimizer, accelerator, decay=MODELS[name], warmup="none", switch=False, name=name)
+            out[name] = (model, optimizer, sema)
+        return accelerator, out
     if engine == "zero3":
         accelerator = make_accelerator("zero3")
         model = tiny_gpt2()
@@ -62,17 +94,11 @@ def build(engine: str):
         }
         return accelerator, {name: (model, optimizer, sema) for name, sema in semas.items()}
     accelerator = make_accelerator("ddp-sharded")  # plain DDP without gradient accumulation (not sharded: no flag)
-    fresh = {
-        "student": tiny_gpt2(0),
-        "teacher": wide_gpt2(1),
-        "generator": tiny_gpt2(2),
-        "discriminator": tiny_gpt2(3),
-    }
     out = {}
-    for name, model in fresh.items():
+    for name, model in fresh_models().items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
         model, optimizer = accelerator.prepare(model, optimizer)
-        sema = SEMA(model, optimizer, accelerator, decay=DDP_MODELS[name], warmup="none", switch=False, name=name)
+        sema = SEMA(model, optimizer, accelerator, decay=MODELS[name], warmup="none", switch=False, name=name)
         out[name] = (model, optimizer, sema)
     return accelerator, out
 
@@ -83,9 +109,14 @@ def train(accelerator, runs: dict, batches: list[torch.Tensor], start: int, stop
         for k, model, optimizer in models.values():  # each model once, on its own batches
             batch = batches[(step + 2 * k) % len(batches)]
             loss = model(input_ids=batch, labels=batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            if k > 0 and hasattr(model, "save_checkpoint"):
+                # accelerator.backward steps the first DeepSpeed engine only: the others step themselves
+                model.backward(loss)
+                model.step()
+            else:
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
         for _, _, sema in runs.values():
             sema.step()
 
@@ -95,7 +126,8 @@ def averages(runs: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def weights(engine: str, accelerator, runs: dict) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: full_masters(engine, accelerator, model) for name, (model, _, _) in runs.items()}
+    kind = "zero3" if engine.startswith("zero3") else engine
+    return {name: full_masters(kind, accelerator, model) for name, (model, _, _) in runs.items()}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -115,6 +147,7 @@ def run(out_dir: str, engine: str) -> None:
     ckpt = os.path.join(folder, "ckpt3")
 
     accelerator, runs = build(engine)
+    initial = weights(engine, accelerator, runs)
     train(accelerator, runs, batches, 0, SAVE_AT)
     accelerator.save_state(ckpt)
     saved = averages(runs)
@@ -127,6 +160,7 @@ def run(out_dir: str, engine: str) -> None:
     result = {
         "names": names,
         "files": sorted(os.listdir(ckpt)),
+        "weights_moved": {name: max_diff(final_weights[name], initial[name]) for name in names},
         # how far apart the averages are: had one been handed the other's, the resumed difference would show it
         "apart": {
             f"{a}/{b}": max_diff(saved[a], saved[b])
@@ -137,7 +171,7 @@ def run(out_dir: str, engine: str) -> None:
     }
     for _, _, sema in runs.values():
         sema.remove_hooks()
-    if engine == "zero3":
+    if engine.startswith("zero3"):
         accelerator.free_memory()
 
     accelerator, runs = build(engine)
@@ -152,7 +186,7 @@ def run(out_dir: str, engine: str) -> None:
     result["num_updates"] = {name: sema.num_updates for name, (_, _, sema) in runs.items()}
     for _, _, sema in runs.values():
         sema.remove_hooks()
-    if engine == "zero3":
+    if engine.startswith("zero3"):
         accelerator.free_memory()
     with open(os.path.join(folder, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
