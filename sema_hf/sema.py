@@ -38,6 +38,11 @@ With post-hoc tracking (``posthoc_every_steps``, ``posthoc_dir``) the average ca
     table = sema.posthoc_sweep(evaluate)  # score the raw weights, the classic EMA, the post-hoc grid (every rank)
     sema.finalize(posthoc=table)         # the model holds the best of them; table.save(dir) writes JSON and plot
 
+Several averages in one run (student and teacher, generator and discriminator, two horizons of one model): one
+SEMA each, each with its own ``name``; ``save_state`` then writes each average's files into the subfolder
+``sema_<name>/`` of the checkpoint, and ``load_state`` gives each its own (`state_folder`). A mean teacher is the
+student's own average: ``with torch.no_grad(), sema.swapped_in(): target = model(x)`` at every step.
+
 Engines: one process, DDP (``shard_under_ddp`` too), FSDP1/FSDP2 and DeepSpeed ZeRO-1/2/3 as prepared by
 ``accelerate``; each rank averages exactly what its optimizer updates (`sema_hf.engines`), with no communication
 per update. Every rank must call every method (``step``, ``epoch_end``, ``swapped_in``, ``ema_state_dict``,
@@ -56,6 +61,7 @@ import os
 import re
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -78,6 +84,7 @@ from .checkpoint import save_ema_checkpoint as _save_ema_checkpoint
 from .config import DEFAULT_HORIZON_EPOCHS, SEMAConfig
 from .engines import EngineAdapter, detect_engine
 from .engines.base import Layout
+from .engines.whole_model import whole_model_state_dict
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .profiles import PowerProfiles
 from .store import EMAStore
@@ -87,6 +94,30 @@ logger = logging.getLogger(__name__)
 #: Seconds `SEMA.swapped_in` waits for the other ranks where entering the swap is a collective (``shard_under_ddp``,
 #: ZeRO-1/2) before it raises, instead of hanging: ``if rank == 0: with sema.swapped_in(): ...`` is the usual cause.
 SWAP_ENTRY_TIMEOUT_S = 300.0
+
+#: What `SEMA`'s ``name`` may be: it becomes part of a folder name inside every checkpoint.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+#: The names of the `SEMA` objects riding along with each accelerator's ``save_state`` / ``load_state``.
+_NAMES_ON_ACCELERATOR: weakref.WeakKeyDictionary[Any, set[str | None]] = weakref.WeakKeyDictionary()
+
+
+def state_folder(folder: str, name: str | None) -> str:
+    """Where the `SEMA` called ``name`` keeps its files inside a checkpoint ``folder``: the folder itself for the
+    unnamed one (``sema_state.json`` and ``sema_ema-*.safetensors``, the layout of every checkpoint written before
+    names existed, and the Trainer callback's), the subfolder ``sema_<name>/`` (the same two kinds of file) for a
+    named one. So each average of a run has files of its own, and an unnamed SEMA reads old checkpoints as before."""
+    return folder if name is None else os.path.join(folder, f"sema_{name}")
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is None or (isinstance(name, str) and NAME_PATTERN.fullmatch(name)):
+        return name
+    raise ValueError(
+        f"SEMA: name = {name!r} is invalid: expected None (the default: files sema_state.json and "
+        "sema_ema-*.safetensors in the checkpoint folder) or 1-64 characters of letters, digits, '_', '.' and '-', "
+        "starting with a letter or digit (files in the subfolder sema_<name>/)."
+    )
 
 
 class SEMA:
@@ -109,6 +140,12 @@ class SEMA:
             longer than the run.
         posthoc_dir: where post-hoc EMA snapshots go (``posthoc_every_steps``; `sema_hf.posthoc`); needed when
             that is set. The Trainer's callback uses ``<output_dir>/sema_posthoc``.
+        name: which files of a checkpoint folder are this average's, for runs with several (student and teacher,
+            generator and discriminator, two horizons of one model). None (the default): ``sema_state.json`` and
+            ``sema_ema-*.safetensors`` in the folder itself, as in every checkpoint written before names existed;
+            a name: the same files in the subfolder ``sema_<name>/``. Two SEMA on one accelerator need two
+            different names (two unnamed ones are refused); the name is recorded in ``sema_state.json`` and a
+            load checks it. Letters, digits, ``_``, ``.``, ``-``.
         **config_fields: any `SEMAConfig` field, e.g. ``SEMA(model, optimizer, accelerator, horizon_steps=200)``.
 
     ``evaluate_with`` and ``landscape`` are the Trainer's business: in a loop, what is evaluated is what runs
@@ -125,8 +162,12 @@ class SEMA:
         steps_per_epoch: int | Any | None = None,
         max_steps: int | None = None,
         posthoc_dir: str | None = None,
+        name: str | None = None,
         **config_fields: Any,
     ) -> None:
+        self.name = _check_name(name)
+        if accelerator is not None:
+            self._refuse_taken_name(accelerator)
         base = config if config is not None else SEMAConfig()
         self.config: SEMAConfig = base.replace(**config_fields) if config_fields else base
         self.accelerator = accelerator
@@ -148,6 +189,7 @@ class SEMA:
             buffers_from_rank0=True,  # the store below calls its before_read
         )
         self._setup(engine, resolved, warmup_steps, posthoc_dir)
+        self._model = model
         for message in horizon_warnings(self.config, resolved, max_steps or 0, warmup_steps):
             logger.warning(f"SEMA: {message}")
             warnings.warn(f"SEMA: {message}", UserWarning, stacklevel=2)
@@ -157,6 +199,7 @@ class SEMA:
                 accelerator.register_save_state_pre_hook(self._save_state_hook),
                 accelerator.register_load_state_pre_hook(self._load_state_hook),
             ]
+            _NAMES_ON_ACCELERATOR.setdefault(accelerator, set()).add(self.name)
         logger.info(
             f"SEMA: engine {engine.name}, decay {resolved.decay:.6g} (horizon {resolved.horizon_steps:.4g} optimizer "
             f"steps), warmup {self.config.warmup} over {warmup_steps} steps, {self.store.local_numel} averaged "
@@ -176,6 +219,8 @@ class SEMA:
         Trainer's callback, from `TrainingArguments`): no accelerator, no checks, no hooks. ``posthoc_dir`` is
         used only when ``config.posthoc_every_steps`` is set."""
         core = cls.__new__(cls)
+        core.name = None
+        core._model = None
         core.config = config
         core.accelerator = None
         core.steps_per_epoch = resolved.steps_per_epoch
@@ -275,12 +320,29 @@ class SEMA:
         """Elements of fp32 average held by this process (about total / world size under sharded engines)."""
         return self.store.local_numel
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full EMA weights keyed like ``model.state_dict()`` (a tied weight once), fp32 copies on CPU or the
-        weights' device. Sharded engines gather one tensor at a time: every rank must call this, every rank
-        receives the full dict."""
+    def ema_state_dict(self, *, whole_model: bool = False) -> dict[str, torch.Tensor]:
+        """The full (gathered) averages keyed like ``model.state_dict()``, fp32 copies on CPU (sharded engines) or
+        on the weights' device. Sharded engines gather one tensor at a time: every rank must call this, every rank
+        receives the full dict.
+
+        By default only what is averaged: the trainable parameters (a LoRA adapter's, under PEFT), a tied weight
+        once under its first name. ``whole_model=True``: every key of ``model.state_dict()``, so that
+        ``teacher.load_state_dict(sema.ema_state_dict(whole_model=True))`` loads strictly into a plain copy of the
+        model: averaged tensors under each of their names (GPT-2's ``lm_head.weight`` too), frozen parameters and
+        buffers as the model holds them now, gathered under ZeRO-3 and FSDP2 (not FSDP1). That costs a whole
+        model's gather and memory on every rank; the default gathers only the averaged tensors
+        (`sema_hf.engines.whole_model`)."""
         self._fresh_if_pending()
-        return self.engine.full_state_dict(self.store.state_dict())
+        averages = self.engine.full_state_dict(self.store.state_dict())
+        if not whole_model:
+            return averages
+        if self._model is None:
+            raise RuntimeError(
+                "SEMA.ema_state_dict(whole_model=True) needs the model, and this SEMA was built by a front-end "
+                "that did not give it (SEMACallback): call it with whole_model=False."
+            )
+        # Sharded adapters gather the averages onto the CPU; the local one keeps them on the weights' device.
+        return whole_model_state_dict(self._model, averages, self.engine.name, on_cpu=self.engine.name != "local")
 
     @contextmanager
     def swapped_in(self, averages: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
@@ -864,11 +926,13 @@ class SEMA:
 
     def save(self, folder: str, *, writer: bool | None = None) -> None:
         """Write this rank's average and the counters into ``folder`` (the callback's file format: one safetensors
-        file per shard and ``sema_state.json``). Every rank must call it; ``accelerator.save_state`` does.
-        ``writer``: whether this process writes the files needed once (default: accelerate's main process, or each
-        node's first with ``save_on_each_node``; rank 0 without an accelerator)."""
+        file per shard and ``sema_state.json``; in the subfolder ``sema_<name>/`` for a named SEMA, `state_folder`).
+        Every rank must call it; ``accelerator.save_state`` does. ``writer``: whether this process writes the files
+        needed once (default: accelerate's main process, or each node's first with ``save_on_each_node``; rank 0
+        without an accelerator)."""
         self._fresh_if_pending()
         meta = {
+            "name": self.name,
             "global_step": self.global_step,
             "checkpoint_id": self.checkpoint_id,
             "checkpoint_dir": os.path.abspath(folder),
@@ -880,48 +944,56 @@ class SEMA:
         if self.profiles is not None:
             tensors, meta["posthoc"] = self._posthoc_checkpoint()
             averages, layout = {**averages, **tensors}, _with_profiles(layout, len(self.posthoc_gammas))
-        _save_ema_checkpoint(folder, averages, layout, meta, barrier=_barrier, writer=writer)
+        _save_ema_checkpoint(state_folder(folder, self.name), averages, layout, meta, barrier=_barrier, writer=writer)
 
     def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
-        callback), re-sharding when the world size or the engine differs. Every rank must call it. An error on any
-        rank (no EMA state, a damaged shard, another model) is raised on every rank.
+        callback), re-sharding when the world size or the engine differs. Only this SEMA's own files are read (those
+        of its ``name``, `state_folder`), and the name recorded with them must be its own. Every rank must call it.
+        An error on any rank (no EMA state, a damaged shard, another model) is raised on every rank.
 
         A folder without EMA state is an error, unless ``allow_fresh`` (default: ``allow_fresh_ema_on_resume``):
         then the average restarts from the weights at the next `step` (counters from zero)."""
         allow_fresh = self.config.allow_fresh_ema_on_resume if allow_fresh is None else allow_fresh
-        missing = not has_ema_checkpoint(folder)
+        own = state_folder(folder, self.name)
+        missing = not has_ema_checkpoint(own)
         if _any_rank(missing):
             if allow_fresh:
-                logger.warning(f"SEMA: no EMA state in {folder!r}; the average restarts from the restored weights.")
+                logger.warning(f"SEMA: no EMA state in {own!r}; the average restarts from the restored weights.")
                 self._fresh_pending = True
                 self._profiles_fresh_pending = self.profiles is not None and self.profiles.t == 0
                 return {}
             error: BaseException | None = (
                 FileNotFoundError(
-                    f"No SEMA EMA state in {folder!r} (no {STATE_NAME}): it was saved without SEMA or before "
-                    "SEMA(..., accelerator) existed. Load a folder saved with it, or pass "
-                    "allow_fresh_ema_on_resume=True to restart the average from the restored weights."
+                    f"No SEMA EMA state in {own!r} (no {STATE_NAME}){_names_in(folder, self.name)}: it was saved "
+                    "without SEMA, before SEMA(..., accelerator) existed, or by a SEMA of another name. Load a "
+                    "folder saved with it, or pass allow_fresh_ema_on_resume=True to restart the average from the "
+                    "restored weights."
                 )
                 if missing
                 else None
             )
-            raise_if_any_rank_failed(error, f"find the EMA state in {folder!r}")
+            raise_if_any_rank_failed(error, f"find the EMA state in {own!r}")
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
         error = None
         saved_posthoc: dict[str, Any] | None = None
         try:
             layout = self.engine.layout()
-            saved_posthoc = read_ema_state(folder).get("posthoc")
+            saved_posthoc = read_ema_state(own).get("posthoc")
             if self.profiles is not None and saved_posthoc is not None:
                 if [float(s) for s in saved_posthoc["sigma_rels"]] != list(self.config.posthoc_sigma_rels):
                     raise ValueError(
-                        f"SEMA: the checkpoint {folder!r} tracked posthoc_sigma_rels {saved_posthoc['sigma_rels']}, "
+                        f"SEMA: the checkpoint {own!r} tracked posthoc_sigma_rels {saved_posthoc['sigma_rels']}, "
                         f"this run {list(self.config.posthoc_sigma_rels)}: resume with the same profiles."
                     )
                 layout = _with_profiles(layout, len(self.posthoc_gammas))
-            tensors, meta = load_ema_checkpoint(folder, layout)
+            tensors, meta = load_ema_checkpoint(own, layout)
+            if meta.get("name") != self.name:
+                raise ValueError(
+                    f"SEMA: {os.path.join(own, STATE_NAME)} holds the average named {meta.get('name')!r}, and "
+                    f"this SEMA is named {self.name!r}: the files were moved or copied between averages."
+                )
             self.store.check_state_dict({n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)})
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
             error = err
@@ -945,10 +1017,26 @@ class SEMA:
         return meta
 
     def remove_hooks(self) -> None:
-        """Stop riding along with ``accelerator.save_state`` / ``load_state`` (e.g. before making another SEMA)."""
+        """Stop riding along with ``accelerator.save_state`` / ``load_state`` (e.g. before making another SEMA of
+        the same name on the same accelerator)."""
+        if self._hooks:
+            _NAMES_ON_ACCELERATOR.get(self.accelerator, set()).discard(self.name)
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+    def _refuse_taken_name(self, accelerator: Any) -> None:
+        """Two SEMA riding along with one accelerator's ``save_state`` under one name would write the same files,
+        and each ``load_state`` would hand both the last one written: refuse the second."""
+        if self.name not in _NAMES_ON_ACCELERATOR.get(accelerator, set()):
+            return
+        which = "an unnamed SEMA" if self.name is None else f"a SEMA named {self.name!r}"
+        raise ValueError(
+            f"SEMA: this accelerator already has {which}, whose averages accelerator.save_state writes into the "
+            f"same files ({state_folder('<folder>', self.name)}/sema_state.json). Give each SEMA its own name, "
+            "e.g. SEMA(student, ..., name='student') and SEMA(teacher, ..., name='teacher'), or call "
+            "remove_hooks() on the one that is no longer used."
+        )
 
     def _save_state_hook(self, models: list, weights: list, output_dir: str) -> None:
         if self._swapped:
@@ -1028,6 +1116,22 @@ def _with_profiles(layout: Layout, num_profiles: int) -> Layout:
             [posthoc.profile_key(k, name), a, b] for k in range(num_profiles) for name, a, b in extra["pieces"]
         ]
     return dataclasses.replace(layout, slots=slots, extra=extra)
+
+
+def _names_in(folder: str, name: str | None) -> str:
+    """For the error of a load that finds no files of this name: the names whose files the folder holds."""
+    try:
+        found = [None] if has_ema_checkpoint(folder) else []
+        found += sorted(
+            entry[len("sema_") :]
+            for entry in os.listdir(folder)
+            if entry.startswith("sema_") and has_ema_checkpoint(os.path.join(folder, entry))
+        )
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return f"; the folder holds the averages named {found} (None: unnamed), this SEMA is named {name!r}"
 
 
 def loop_warmup_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int:

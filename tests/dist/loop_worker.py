@@ -153,6 +153,23 @@ def train(engine, accelerator, model, optimizer, sema, batches, start, record=No
     return saved if save is not None else None
 
 
+def whole_model_check(sema: SEMA, averages: dict[str, torch.Tensor]) -> dict:
+    """``ema_state_dict(whole_model=True)`` loaded strictly into a plain GPT-2 (a collective: every rank)."""
+    try:
+        whole = sema.ema_state_dict(whole_model=True)
+    except NotImplementedError as err:
+        return {"error": str(err)}
+    plain = tiny_gpt2(seed=7)
+    plain.load_state_dict(whole)  # strict
+    held = dict(plain.named_parameters())
+    return {
+        "keys": len(whole),
+        "expected": len(plain.state_dict()),
+        "diff": max((held[n] - averages[n]).abs().max().item() for n in averages),
+        "tied": torch.equal(whole["lm_head.weight"], whole["transformer.wte.weight"]),
+    }
+
+
 def run(out_dir: str, engine: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     folder = os.path.join(out_dir, engine)
@@ -193,6 +210,7 @@ def run(out_dir: str, engine: str) -> None:
     result["resumed_ema_diff"] = max((resumed_ema[n] - ema[n]).abs().max().item() for n in ema)
     result["resumed_weights_diff"] = max((resumed_weights[n] - weights[n]).abs().max().item() for n in weights)
     result["resumed_counters"] = sema.state_dict()
+    result["whole_model"] = whole_model_check(sema, resumed_ema)
     sema.remove_hooks()
     with open(os.path.join(folder, f"result_rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
