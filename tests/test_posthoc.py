@@ -181,6 +181,25 @@ def test_fused_update_of_bf16_sources_casts_through_the_scratch_and_matches_fp32
         torch.testing.assert_close(companion[f"s{i}"], 0.25 * s.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_classic_ema_updated_in_the_fused_pass_is_bit_identical_to_the_stores_own_update(dtype):
+    from sema_hf.engines.base import Slot
+    from sema_hf.profiles import PowerProfiles
+    from sema_hf.store import EMAStore
+
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(3000, 7, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)]
+    slots = [Slot(f"s{i}", s) for i, s in enumerate(sources)]
+    alone, fused_store = EMAStore(slots), EMAStore(slots)
+    fused = PowerProfiles(slots, [3.0, 9.0], companion=fused_store.state_dict(), block_numel=4096)
+    for t in range(1, 12):
+        for s in sources:
+            s.add_(0.1 * torch.randn(s.shape, generator=g).to(dtype))
+        alone.update(0.97)
+        fused.update(t, 1 - 0.97)
+    assert all(torch.equal(alone.state_dict()[n], fused_store.state_dict()[n]) for n in alone.names)
+
+
 def test_snapshots_every_n_steps_and_at_finalize(tmp_path):
     sema, *_ = run(tmp_path, 11, every=4)
     assert sema.posthoc_steps == [4, 8]
