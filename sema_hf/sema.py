@@ -184,6 +184,27 @@ class SEMA:
         core._setup(engine, resolved, warmup_steps, posthoc_dir if config.posthoc_every_steps is not None else None)
         return core
 
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        optimizer: object | None,
+        config: SEMAConfig,
+        resolved: ResolvedHorizon,
+        warmup_steps: int,
+        posthoc_dir: str | None = None,
+    ) -> SEMA:
+        """`from_engine` with the engine found here (`sema_hf.engines.detect_engine`, as `SEMA` does): so a
+        front-end (the Trainer's callback) reaches the engines only through the core."""
+        engine = detect_engine(
+            model,
+            optimizer,
+            config.include_buffers,
+            shard_under_ddp=config.shard_under_ddp,
+            buffers_from_rank0=True,  # the core's store fills them (DDP with include_buffers: rank 0's statistics)
+        )
+        return cls.from_engine(engine, config, resolved, warmup_steps, posthoc_dir=posthoc_dir)
+
     def _setup(
         self, engine: EngineAdapter, resolved: ResolvedHorizon, warmup_steps: int, posthoc_dir: str | None = None
     ) -> None:
