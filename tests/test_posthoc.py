@@ -129,6 +129,30 @@ def test_power_beta_starts_at_zero_so_the_first_value_is_the_weights_after_step_
         power_beta(0, 1.0)
 
 
+def test_posthoc_config_fields_are_validated_and_parse_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    from sema_hf import SEMAConfig
+
+    (config,) = HfArgumentParser(SEMAConfig).parse_args_into_dataclasses(
+        ["--posthoc_every_steps", "50", "--posthoc_sigma_rels", "0.04", "0.2", "--posthoc_dtype", "bfloat16"]
+    )
+    assert (config.posthoc_every_steps, config.posthoc_sigma_rels, config.posthoc_dtype) == (
+        50,
+        (0.04, 0.2),
+        "bfloat16",
+    )
+    assert SEMAConfig.from_dict(config.to_dict()) == config  # through JSON (a list) and back
+    for field, value, allowed in [
+        ("posthoc_every_steps", 0, "None \\(off\\) or an int >= 1"),
+        ("posthoc_sigma_rels", (0.3,), "distinct numbers in \\(0, 0.2887\\)"),
+        ("posthoc_sigma_rels", (0.05, 0.05), "distinct numbers"),
+        ("posthoc_dtype", "float16", "one of \\('float32', 'bfloat16'\\)"),
+    ]:
+        with pytest.raises(ValueError, match=f"SEMAConfig.{field} = .* is invalid: expected .*{allowed}"):
+            SEMAConfig(**{field: value})
+
+
 # ---- tracking ---------------------------------------------------------------------------------------------------------
 
 
