@@ -43,7 +43,7 @@ from . import evaluation, posthoc, schedule, selection
 from .binding import TrainerBinding, bind
 from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
-from .engines import EngineAdapter, detect_engine
+from .engines import EngineAdapter
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
 from .landscape_probe import LandscapeProbe
 from .preemption import set_aside_incomplete_checkpoints
@@ -268,21 +268,17 @@ class SEMACallback(TrainerCallback, ExportableState):
         warmup_steps = check_run_settings(self.config, args, trainer, steps_per_epoch, state)
         self._sema_metric = evaluation.sema_metric_named(args.metric_for_best_model)
         resolved = resolve_horizon(self.config, steps_per_epoch)
-        engine = detect_engine(
-            kwargs["model"],
-            kwargs.get("optimizer"),
-            self.config.include_buffers,
-            shard_under_ddp=self.config.shard_under_ddp,
-            buffers_from_rank0=True,  # the core's store fills them (DDP with include_buffers: rank 0's statistics)
+        posthoc_dir = os.path.join(self._binding.output_dir(args.output_dir), posthoc.FOLDER_NAME)
+        core = SEMA.for_model(
+            kwargs["model"], kwargs.get("optimizer"), self.config, resolved, warmup_steps, posthoc_dir=posthoc_dir
         )
-        if self.landscape is not None and engine.layout().sharded:
+        if self.landscape is not None and core.engine.layout().sharded:
             raise ValueError(
                 f"SEMACallback(landscape=...) measures single-process models only, but the engine is "
-                f"{engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
+                f"{core.engine.name!r} (sharded); gather the model and call sema_hf.landscape's functions instead, "
                 "or pass landscape=None."
             )
-        posthoc_dir = os.path.join(self._binding.output_dir(args.output_dir), posthoc.FOLDER_NAME)
-        self.core = SEMA.from_engine(engine, self.config, resolved, warmup_steps, posthoc_dir=posthoc_dir)
+        self.core = core
         self.core.global_step = state.global_step
         if state.global_step > 0:
             self._resume(args, state)

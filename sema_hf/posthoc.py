@@ -607,28 +607,29 @@ def reconstruct(
     shapes = {name: [int(d) for d in shape] for name, shape in index["params"]}
     out: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        files: list[tuple[float, int, int, Any, list[tuple[str, int, int]]]] = []
+        opened: dict[tuple[int, int], tuple[Any, dict[str, tuple[int, int]]]] = {}
+        files: list[tuple[float, int, int, Any, dict[str, tuple[int, int]]]] = []
         for w, t, k in terms:
             for shard in range(num_shards):
-                path = os.path.join(directory, snapshot_file_name(t, shard, num_shards))
-                handle = stack.enter_context(_open(path, "snapshot file"))
-                layout = _check_header(path, handle.metadata() or {}, index, t)
-                files.append((w, t, k, handle, _pieces(layout)))
+                if (t, shard) not in opened:  # one handle per file, shared by the profiles it holds
+                    path = os.path.join(directory, snapshot_file_name(t, shard, num_shards))
+                    handle = stack.enter_context(_open(path, "snapshot file"))
+                    layout = _check_header(path, handle.metadata() or {}, index, t)
+                    opened[(t, shard)] = (handle, {n: (a, b) for n, a, b in _pieces(layout)})
+                files.append((w, t, k, *opened[(t, shard)]))
         for name, shape in shapes.items():
             numel = math.prod(shape)
             acc = torch.zeros(numel, dtype=torch.float64)
             covered: dict[tuple[int, int], list[tuple[int, int]]] = {}
             for w, t, k, handle, pieces in files:
-                for piece, a, b in pieces:
-                    if piece != name:
-                        continue
-                    value = _get(handle, profile_key(k, piece), t).reshape(-1).to(torch.float64)
-                    if value.numel() != b - a:
-                        raise ValueError(
-                            f"post-hoc EMA: {piece!r} at step {t} holds {value.numel()} elements, not {b - a}"
-                        )
-                    acc[a:b].add_(value, alpha=w)
-                    covered.setdefault((t, k), []).append((a, b))
+                if name not in pieces:
+                    continue
+                a, b = pieces[name]
+                value = _get(handle, profile_key(k, name), t).reshape(-1).to(torch.float64)
+                if value.numel() != b - a:
+                    raise ValueError(f"post-hoc EMA: {name!r} at step {t} holds {value.numel()} elements, not {b - a}")
+                acc[a:b].add_(value, alpha=w)
+                covered.setdefault((t, k), []).append((a, b))
             for (t, _), ranges in covered.items():
                 problems = cover_problems(0, numel, ranges)
                 if problems:

@@ -48,6 +48,13 @@ Engines: one process, DDP (``shard_under_ddp`` too), FSDP1/FSDP2 and DeepSpeed Z
 per update. Every rank must call every method (``step``, ``epoch_end``, ``swapped_in``, ``ema_state_dict``,
 ``save``, ``load``, ``finalize``): under sharded engines and ``shard_under_ddp`` they run collectives.
 
+Post-hoc EMA (``posthoc_every_steps=N``, ``posthoc_dir=...``): in the same pass as the classic EMA, each rank also
+tracks power-function EMA profiles of its own shard (``posthoc_sigma_rels``, `sema_hf.profiles`) and writes snapshots
+of them every N optimizer steps and at `finalize` (`posthoc_snapshot`). After training, `sema_hf.posthoc.reconstruct`
+gives the average for any ``sigma_rel`` or exponential horizon in one process from the files of any world size;
+inside the run, `posthoc_average` gives each rank its own shard of it, with no gather. The profiles ride in the
+checkpoint like the EMA: a resumed run continues the series and replaces the snapshots a killed run wrote later.
+
 This object is the core of a run: engine adapter, store, counters, switch point and the per-rank checkpoint files.
 It knows no Trainer; `SEMACallback` is the Trainer's front-end to the same rules.
 """
@@ -228,6 +235,27 @@ class SEMA:
         core._setup(engine, resolved, warmup_steps, posthoc_dir if config.posthoc_every_steps is not None else None)
         return core
 
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        optimizer: object | None,
+        config: SEMAConfig,
+        resolved: ResolvedHorizon,
+        warmup_steps: int,
+        posthoc_dir: str | None = None,
+    ) -> SEMA:
+        """`from_engine` with the engine found here (`sema_hf.engines.detect_engine`, as `SEMA` does): so a
+        front-end (the Trainer's callback) reaches the engines only through the core."""
+        engine = detect_engine(
+            model,
+            optimizer,
+            config.include_buffers,
+            shard_under_ddp=config.shard_under_ddp,
+            buffers_from_rank0=True,  # the core's store fills them (DDP with include_buffers: rank 0's statistics)
+        )
+        return cls.from_engine(engine, config, resolved, warmup_steps, posthoc_dir=posthoc_dir)
+
     def _setup(
         self, engine: EngineAdapter, resolved: ResolvedHorizon, warmup_steps: int, posthoc_dir: str | None = None
     ) -> None:
@@ -291,6 +319,12 @@ class SEMA:
             self.posthoc_gammas,
             companion=self.store.state_dict(),
             before_read=getattr(self.engine, "before_read", None),
+        )
+        logger.info(
+            f"SEMA: post-hoc EMA profiles sigma_rel {list(cfg.posthoc_sigma_rels)} (gamma "
+            f"{[round(g, 3) for g in self.posthoc_gammas]}), snapshots every {cfg.posthoc_every_steps} optimizer steps "
+            f"and at the end into {posthoc_dir!r} ({cfg.posthoc_dtype}); {self.profiles.local_numel} more fp32 "
+            "elements on this rank"
         )
 
     @staticmethod

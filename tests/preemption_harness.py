@@ -18,6 +18,8 @@ process at a chosen point of a chosen step's save:
     ema-json     sema_state.json written (with SEMATrainer: before any of the Trainer's files)
     random       at a random moment after the first checkpoint (a timer thread)
 
+SEMA runs track post-hoc EMA profiles (a snapshot every step); the end compared includes their reconstruction.
+
 Each run is a forked child of one harness process (imports paid once); a trial is a killed child and a resuming
 child. Modes: ``trainer`` (plain Trainer, no SEMA: the baseline), ``callback`` (Trainer + SEMACallback),
 ``sema_trainer`` (SEMATrainer + SEMACallback).
@@ -58,6 +60,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import sema_hf.checkpoint  # noqa: E402
 from sema_hf import SEMACallback, SEMATrainer  # noqa: E402
 from sema_hf.checkpoint import STATE_NAME  # noqa: E402
+from sema_hf.posthoc import reconstruct  # noqa: E402
 from sema_hf.preemption import SET_ASIDE_PREFIX  # noqa: E402
 
 from tiny import tiny_args, tiny_dataset, tiny_model  # noqa: E402
@@ -181,7 +184,8 @@ def _install_shims() -> None:
 
 # ---- one run ------------------------------------------------------------------------------------------------------
 def make_trainer(mode: str, output_dir: str, extra_callbacks: list, killing: bool):
-    sema = SEMACallback(decay=0.6, warmup_steps=3) if mode != "trainer" else None
+    # post-hoc EMA on, a snapshot every step: the resumed series must end equal too
+    sema = SEMACallback(decay=0.6, warmup_steps=3, posthoc_every_steps=1) if mode != "trainer" else None
     callbacks = ([sema] if sema is not None else []) + extra_callbacks
     cls = {
         "trainer": KillingTrainer if killing else Trainer,
@@ -213,6 +217,9 @@ def finish(trainer, sema, folder: str, name: str) -> None:
     save_file(weights, os.path.join(folder, f"{name}-weights.safetensors"))
     if sema is not None:
         save_file(sema.ema_state_dict(), os.path.join(folder, f"{name}-ema.safetensors"))
+        # every snapshot the run kept, combined (a killed run's later snapshots must have been replaced, not added)
+        posthoc = reconstruct(trainer.args.output_dir, sigma_rel=0.07, max_fit_error=None)
+        save_file(dict(posthoc), os.path.join(folder, f"{name}-posthoc.safetensors"))
 
 
 def in_child(run) -> int:
@@ -324,7 +331,7 @@ def trial(mode: str, base: str, k: int, point: str, step: int, delay: float | No
 
 
 def _same(reference_folder: str, folder: str, with_ema: bool) -> bool:
-    for kind in ("weights", "ema") if with_ema else ("weights",):
+    for kind in ("weights", "ema", "posthoc") if with_ema else ("weights",):
         a = load_file(os.path.join(reference_folder, f"final-{kind}.safetensors"))
         b = load_file(os.path.join(folder, f"final-{kind}.safetensors"))
         if a.keys() != b.keys() or not all(torch.equal(a[n], b[n]) for n in a):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-import sema_hf.callback as callback_module
+import sema_hf.sema as sema_module
 from sema_hf import LandscapeProbe, SEMACallback, fixed_batches, flatness, mean_loss, top_hessian_eigenvalue
 from sema_hf.engines import detect_engine
 from sema_hf.store import EMAStore
@@ -171,7 +171,7 @@ def test_trainer_logs_raw_and_ema_landscape_at_each_switch(tmp_path):
 
 
 def test_landscape_probe_is_refused_under_a_sharded_engine(tmp_path, monkeypatch):
-    real_detect = callback_module.detect_engine
+    real_detect = sema_module.detect_engine  # the core finds the engine for the callback
 
     def sharded_engine(*args, **kwargs):
         engine = real_detect(*args, **kwargs)
@@ -179,7 +179,7 @@ def test_landscape_probe_is_refused_under_a_sharded_engine(tmp_path, monkeypatch
         engine.layout = lambda: SimpleNamespace(**{**vars(layout), "sharded": True})
         return engine
 
-    monkeypatch.setattr(callback_module, "detect_engine", sharded_engine)
+    monkeypatch.setattr(sema_module, "detect_engine", sharded_engine)
     sema = SEMACallback(landscape=LandscapeProbe(probe_batches(1)))
     with pytest.raises(ValueError, match="single-process models only"):
         tiny_trainer(str(tmp_path), [sema], max_steps=1).train()

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from sema_hf import SEMA, SEMACallback
@@ -29,7 +30,7 @@ from sema_hf.posthoc import (
 )
 from sema_hf.profiles import power_beta
 
-from tiny import StopAt, tiny_model, tiny_trainer
+from tiny import StopAt, reset_accelerate_state, tiny_model, tiny_trainer
 
 DIM = 8
 
@@ -128,6 +129,30 @@ def test_power_beta_starts_at_zero_so_the_first_value_is_the_weights_after_step_
         power_beta(0, 1.0)
 
 
+def test_posthoc_config_fields_are_validated_and_parse_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    from sema_hf import SEMAConfig
+
+    (config,) = HfArgumentParser(SEMAConfig).parse_args_into_dataclasses(
+        ["--posthoc_every_steps", "50", "--posthoc_sigma_rels", "0.04", "0.2", "--posthoc_dtype", "bfloat16"]
+    )
+    assert (config.posthoc_every_steps, config.posthoc_sigma_rels, config.posthoc_dtype) == (
+        50,
+        (0.04, 0.2),
+        "bfloat16",
+    )
+    assert SEMAConfig.from_dict(config.to_dict()) == config  # through JSON (a list) and back
+    for field, value, allowed in [
+        ("posthoc_every_steps", 0, "None \\(off\\) or an int >= 1"),
+        ("posthoc_sigma_rels", (0.3,), "distinct numbers in \\(0, 0.2887\\)"),
+        ("posthoc_sigma_rels", (0.05, 0.05), "distinct numbers"),
+        ("posthoc_dtype", "float16", "one of \\('float32', 'bfloat16'\\)"),
+    ]:
+        with pytest.raises(ValueError, match=f"SEMAConfig.{field} = .* is invalid: expected .*{allowed}"):
+            SEMAConfig(**{field: value})
+
+
 # ---- tracking ---------------------------------------------------------------------------------------------------------
 
 
@@ -178,6 +203,25 @@ def test_fused_update_of_bf16_sources_casts_through_the_scratch_and_matches_fp32
         for k in range(2):
             assert torch.equal(profiles.averages[k][f"s{i}"], s.float())
         torch.testing.assert_close(companion[f"s{i}"], 0.25 * s.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_classic_ema_updated_in_the_fused_pass_is_bit_identical_to_the_stores_own_update(dtype):
+    from sema_hf.engines.base import Slot
+    from sema_hf.profiles import PowerProfiles
+    from sema_hf.store import EMAStore
+
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(3000, 7, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)]
+    slots = [Slot(f"s{i}", s) for i, s in enumerate(sources)]
+    alone, fused_store = EMAStore(slots), EMAStore(slots)
+    fused = PowerProfiles(slots, [3.0, 9.0], companion=fused_store.state_dict(), block_numel=4096)
+    for t in range(1, 12):
+        for s in sources:
+            s.add_(0.1 * torch.randn(s.shape, generator=g).to(dtype))
+        alone.update(0.97)
+        fused.update(t, 1 - 0.97)
+    assert all(torch.equal(alone.state_dict()[n], fused_store.state_dict()[n]) for n in alone.names)
 
 
 def test_snapshots_every_n_steps_and_at_finalize(tmp_path):
@@ -355,6 +399,62 @@ def test_resumed_loop_continues_the_series_and_replaces_the_killed_runs_later_sn
     assert (
         max_diff(reconstruct(str(folder), sigma_rel=0.07), reconstruct(str(tmp_path / "whole"), sigma_rel=0.07)) == 0
     )
+
+
+def _accelerated(folder):
+    """A fresh accelerator (as a new process would make), model, SGD and SEMA with post-hoc tracking."""
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model()
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    sema = SEMA(
+        model, opt, accelerator, decay=0.9, warmup="none", switch=False, posthoc_every_steps=3, posthoc_dir=str(folder)
+    )
+    return accelerator, model, opt, sema
+
+
+def _steps(accelerator, model, opt, sema, data) -> None:
+    for x, y in data:
+        accelerator.backward(model(x, labels=y)["loss"])
+        opt.step()
+        opt.zero_grad()
+        sema.step()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_loop_killed_after_save_state_and_resumed_with_load_state_ends_with_the_uninterrupted_series(tmp_path):
+    data = batches(20)
+    accelerator, model, opt, whole = _accelerated(tmp_path / "whole")
+    _steps(accelerator, model, opt, whole, data)
+    whole.finalize()
+    whole.remove_hooks()
+
+    folder = tmp_path / "resumed"
+    accelerator, model, opt, killed = _accelerated(folder)
+    _steps(accelerator, model, opt, killed, data[:10])
+    accelerator.save_state(str(tmp_path / "ckpt10"))
+    _steps(accelerator, model, opt, killed, data[10:13])
+    killed.posthoc_snapshot()  # a snapshot at step 13, which the resumed run never writes again
+    assert killed.posthoc_steps == [3, 6, 9, 12, 13]
+    killed.remove_hooks()
+
+    accelerator, model, opt, sema = _accelerated(folder)
+    accelerator.load_state(str(tmp_path / "ckpt10"))
+    assert sema.posthoc_steps == [3, 6, 9] and sema.profiles.t == 10 and sema.global_step == 10
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) == [
+        snapshot_file_name(s, 0, 1) for s in (3, 6, 9)
+    ]
+    _steps(accelerator, model, opt, sema, data[10:])
+    sema.finalize()
+    sema.remove_hooks()
+    assert sema.posthoc_steps == whole.posthoc_steps == [3, 6, 9, 12, 15, 18, 20]
+    assert json.loads((folder / INDEX_NAME).read_text())["steps"] == [3, 6, 9, 12, 15, 18, 20]
+    for step in whole.posthoc_steps:
+        a = load_file(str(tmp_path / "whole" / snapshot_file_name(step, 0, 1)))
+        b = load_file(str(folder / snapshot_file_name(step, 0, 1)))
+        assert all(torch.equal(a[n], b[n]) for n in a), step
+    got, expected = (reconstruct(str(d), horizon_steps=2.0) for d in (folder, tmp_path / "whole"))
+    assert max_diff(got, expected) == 0.0
 
 
 # ---- bf16 snapshots and the command line ------------------------------------------------------------------------------
