@@ -47,7 +47,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -1095,6 +1095,100 @@ def plot_horizon_sweep(piece: Piece, runs: Mapping[str, Mapping[str, Any]], path
         plt.close(fig)
 
 
+def posthoc_table(piece: Piece, runs: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], dict[str, Any]] | None:
+    """The post-hoc variants of a piece (issue 22): every candidate of the sweep on the test set, the average chosen
+    on held-out data against the classic EMA, the raw weights and the best horizon in hindsight, paired per seed.
+
+    All candidates of one run share its training trajectory, so the comparisons are exact pairs. The post-hoc
+    exponential EMA at the classic EMA's own horizon is the check of the reconstruction on real training: both
+    average the same trajectory (the classic one with its decay warmup over the first epoch, which a horizon of
+    0.3 epoch has forgotten long before the end)."""
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+    for variant in (v for v in piece.variants if v.posthoc_every):
+        sweeps = {
+            s: runs[run_id(piece.task, variant, s)]["posthoc_sweep"]
+            for s in piece.seeds
+            if "posthoc_sweep" in runs.get(run_id(piece.task, variant, s), {})
+        }
+        if sweeps:
+            rows, summary[variant.key()] = _posthoc_variant(piece.task, variant, sweeps)
+            lines += rows
+    return (lines, summary) if lines else None
+
+
+def _paired(seeds: Sequence[int], values: Callable[[int], Any], ref: Callable[[int], Any]) -> str:
+    diffs = [values(s) - ref(s) for s in seeds if values(s) is not None and ref(s) is not None]
+    if not diffs:
+        return "-"
+    mean, std = mean_std(diffs)
+    return f"{mean:+.4f} ± {std:.4f}"
+
+
+def _posthoc_variant(
+    task: Task, variant: Variant, sweeps: Mapping[int, Mapping[str, Any]]
+) -> tuple[list[str], dict[str, Any]]:
+    seeds = sorted(sweeps)
+    tests = {s: {r["label"]: r["metrics"].get(task.metric) for r in sweeps[s]["rows"]} for s in seeds}
+    labels = [r["label"] for r in sweeps[seeds[0]]["rows"]]
+    chosen = {s: sweeps[s]["chosen"] for s in seeds}
+    horizons = [lab for lab in labels if lab.startswith("horizon_epochs=")]
+    pick = max if task.higher_is_better else min
+
+    def best_horizon(s: int) -> float | None:
+        scored = [tests[s][h] for h in horizons if tests[s].get(h) is not None]
+        return pick(scored) if scored else None
+
+    lines = [
+        f"### `{variant.key()}`: {len(seeds)} seeds ({seeds}), chosen on `{sweeps[seeds[0]]['metric']}`",
+        "",
+        f"| candidate | {task.metric_label} (mean ± std) | Δ vs raw weights (paired) | chosen on held-out data | "
+        "fit: relative error (max) | Σ\\|x\\| (max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lab in labels:
+        vals = [tests[s][lab] for s in seeds if tests[s].get(lab) is not None]
+        fits = [next(r for r in sweeps[s]["rows"] if r["label"] == lab).get("fit") or {} for s in seeds]
+        errors = [f["relative_error"] for f in fits if f.get("relative_error") is not None]
+        amps = [f["amplification"] for f in fits if f.get("amplification") is not None]
+        cell = "{:.4f} ± {:.4f}".format(*mean_std(vals)) if vals else "not reached"
+        delta = _paired(seeds, lambda s, lab=lab: tests[s].get(lab), lambda s: tests[s]["raw"])
+        lines.append(
+            f"| `{lab}` | {cell} | {delta} | {sum(chosen[s] == lab for s in seeds)}/{len(seeds)} | "
+            f"{f'{max(errors):.1e}' if errors else '-'} | {f'{max(amps):.3g}' if amps else '-'} |"
+        )
+    classic = f"horizon_epochs={variant.horizon_epochs:g}"
+    gaps = [abs(tests[s][classic] - tests[s]["ema"]) for s in seeds if tests[s].get(classic) is not None]
+    scores = {s: {r["label"]: r["score"] for r in sweeps[s]["rows"]} for s in seeds}
+    score_gaps = [abs(scores[s][classic] - scores[s]["ema"]) for s in seeds if scores[s].get(classic) is not None]
+    row = {
+        "seeds": seeds,
+        "chosen": chosen,
+        "chosen_vs_raw": _paired(seeds, lambda s: tests[s][chosen[s]], lambda s: tests[s]["raw"]),
+        "chosen_vs_classic_ema": _paired(seeds, lambda s: tests[s][chosen[s]], lambda s: tests[s]["ema"]),
+        "chosen_vs_best_horizon_in_hindsight": _paired(seeds, lambda s: tests[s][chosen[s]], best_horizon),
+        "posthoc_vs_classic_gap_max": max(gaps) if gaps else None,
+        "posthoc_vs_classic_selection_metric_gap_max": max(score_gaps) if score_gaps else None,
+    }
+    better = "higher" if task.higher_is_better else "lower"
+    gap = "-" if row["posthoc_vs_classic_gap_max"] is None else f"{row['posthoc_vs_classic_gap_max']:.2g}"
+    lines += [
+        "",
+        f"The average chosen on held-out data, on test ({better} is better), paired per seed: vs the raw weights "
+        f"{row['chosen_vs_raw']}; vs the classic EMA of the run (H = {variant.horizon_epochs:g} epoch) "
+        f"{row['chosen_vs_classic_ema']}; vs the best exponential horizon in hindsight (the best of "
+        f"{', '.join(h.split('=')[1] for h in horizons)} epochs on test, per seed) "
+        f"{row['chosen_vs_best_horizon_in_hindsight']}.",
+        "",
+        f"Reconstruction on real training: the post-hoc `{classic}` differs from the classic EMA the same run kept at "
+        f"that horizon by at most {gap} in {task.metric_label}, and by at most "
+        f"{row['posthoc_vs_classic_selection_metric_gap_max']:.2g} in `{sweeps[seeds[0]]['metric']}`, over "
+        f"{len(gaps)} seeds.",
+        "",
+    ]
+    return lines, row
+
+
 def report(output_dir: str) -> dict[str, Any]:
     """Write ``results.json`` (summaries), ``results.md`` (tables, status, commands) and the plots."""
     runs = load_runs(os.path.join(output_dir, "runs"))
@@ -1146,6 +1240,10 @@ def report(output_dir: str) -> dict[str, Any]:
         )
         if plot_piece_curves(piece, runs, os.path.join(output_dir, f"curves_{name}.png")):
             lines += ["", f"![{name} eval curves](curves_{name}.png)"]
+        post = posthoc_table(piece, runs)
+        if post is not None:
+            results["pieces"][name]["posthoc"] = post[1]
+            lines += ["", "Post-hoc EMA (every candidate of each run's sweep, scored on test):", "", *post[0]]
         if piece.sweep and plot_horizon_sweep(piece, runs, os.path.join(output_dir, f"horizon_{name}.png")):
             lines += ["", f"![{name}: final metric vs horizon](horizon_{name}.png)"]
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
