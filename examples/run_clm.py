@@ -57,6 +57,7 @@ from example_utils import (
     last_checkpoint,
     numel,
     parse_args,
+    posthoc_select_on_validation,
     report_ema_size,
     sema_arguments,
     sema_callback_for,
@@ -244,6 +245,15 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep only this many evaluation blocks (for quick runs)."}
     )
+    validation_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Hold out this many training blocks that follow the --max_train_samples ones (never trained on) "
+            "as a validation set: evaluations then report eval_validation_* and eval_test_* (the evaluation text), "
+            "and --posthoc_select / switch_policy if_better choose on the validation blocks, never on the test text. "
+            "Needs --max_train_samples."
+        },
+    )
     block_size: int | None = field(
         default=None,
         metadata={
@@ -264,6 +274,13 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and path.rsplit(".", 1)[-1] not in ("txt", "csv", "json", "jsonl"):
                 raise ValueError(f"--{name} {path!r}: expected a .txt, .csv, .json or .jsonl file.")
+        if self.validation_samples < 0:
+            raise ValueError(f"--validation_samples {self.validation_samples} must be >= 0.")
+        if self.validation_samples and self.max_train_samples is None:
+            raise ValueError(
+                f"--validation_samples {self.validation_samples} holds out the training blocks after the first "
+                "--max_train_samples; give --max_train_samples too."
+            )
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"--validation_split_percentage {self.validation_split_percentage} must be between 1 and 99."
@@ -333,9 +350,13 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         train_dataset = _take(lm_datasets["train"], data_args.max_train_samples)
     if training_args.do_eval:
         eval_dataset = _take(lm_datasets["validation"], data_args.max_eval_samples)
+        if data_args.validation_samples:
+            eval_dataset = {"validation": held_out_blocks(lm_datasets["train"], data_args), "test": eval_dataset}
+    test_dataset = eval_dataset["test"] if isinstance(eval_dataset, dict) else eval_dataset
 
     if example_args.sema_mode == "sema":
         sema_config = with_example_switch_policy(argv, sema_config, training_args, eval_dataset)
+    sema_config = posthoc_select_on_validation(sema_config, eval_dataset)
     callback = sema_callback_for(example_args.sema_mode, sema_config)
     trainer = SEMATrainer(
         model=model,
@@ -354,14 +375,14 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         logger.info("--eval_before_training is skipped under DeepSpeed.")
     elif training_args.do_train and training_args.do_eval and report_args.eval_before_training:
         # Before train() there is no average yet: this evaluates the weights the run starts from.
-        before = trainer.evaluate(metric_key_prefix="before")
+        before = trainer.evaluate(test_dataset, metric_key_prefix="before")
         metrics["before_eval_loss"] = before["before_loss"]
         metrics["before_perplexity"] = _perplexity(before["before_loss"])
         if trainer.is_world_process_zero():
             start = "pretrained " + _model_label(model_args) if model_args.model_name_or_path else "random init"
             print(
                 f"\n*** Before training ({start}): eval_loss {metrics['before_eval_loss']:.4f}, perplexity "
-                f"{metrics['before_perplexity']:.2f} ({len(eval_dataset)} blocks of {_block_len(eval_dataset)} tokens) "
+                f"{metrics['before_perplexity']:.2f} ({len(test_dataset)} blocks of {_block_len(test_dataset)} tokens) "
                 "***\n",
                 flush=True,
             )
@@ -378,9 +399,11 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         metrics.update(train_metrics)
 
     if training_args.do_eval:
+        # With held-out validation blocks the headline numbers are the evaluation text's (eval_test_*).
+        prefix = "eval_test" if isinstance(eval_dataset, dict) else "eval"
         eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(eval_dataset)
-        loss = eval_metrics["eval_loss"]
+        eval_metrics[f"{prefix}_samples"] = len(test_dataset)
+        loss = eval_metrics[f"{prefix}_loss"]
         eval_metrics["perplexity"] = _perplexity(loss)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -388,8 +411,8 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         weights = _weights_label(example_args.sema_mode, callback)
         if trainer.is_world_process_zero():
             print(
-                f"\n*** {weights}: eval_loss {loss:.4f}, perplexity {eval_metrics['perplexity']:.2f} "
-                f"({len(eval_dataset)} blocks of {_block_len(eval_dataset)} tokens; saved to {training_args.output_dir}) ***\n",
+                f"\n*** {weights}: {prefix}_loss {loss:.4f}, perplexity {eval_metrics['perplexity']:.2f} "
+                f"({len(test_dataset)} blocks of {_block_len(test_dataset)} tokens; saved to {training_args.output_dir}) ***\n",
                 flush=True,
             )
 
@@ -528,6 +551,18 @@ def _block_size(data_args: DataTrainingArguments, tokenizer, model) -> int:
         logger.warning(f"--block_size {block_size} exceeds the model's {max_positions} positions; using that.")
         block_size = max_positions
     return block_size
+
+
+def held_out_blocks(train: datasets.Dataset, data_args: DataTrainingArguments) -> datasets.Dataset:
+    """The ``--validation_samples`` training blocks right after the first ``--max_train_samples`` (never trained on:
+    the training set is exactly what it is without them)."""
+    start, count = data_args.max_train_samples, data_args.validation_samples
+    if start + count > len(train):
+        raise ValueError(
+            f"--validation_samples {count} after {start} training blocks needs {start + count} blocks; the training "
+            f"text has {len(train)} at this block size."
+        )
+    return train.select(range(start, start + count))
 
 
 def _take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
