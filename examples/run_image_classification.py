@@ -46,13 +46,13 @@ from example_utils import (
     last_checkpoint,
     numel,
     parse_args,
-    posthoc_select_on_validation,
     report_ema_size,
     sema_arguments,
     sema_callback_for,
     setup_logging,
     to_sema_config,
     weights_held_label,
+    with_example_posthoc,
     with_example_switch_policy,
 )
 from PIL import Image
@@ -247,7 +247,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
 
     if example_args.sema_mode == "sema":
         sema_config = with_example_switch_policy(args, sema_config, training_args, eval_dataset)
-    sema_config = posthoc_select_on_validation(sema_config, eval_dataset)
+    sema_config = with_example_posthoc(args, sema_config, example_args, training_args, eval_dataset, train_dataset)
     callback = sema_callback_for(example_args.sema_mode, sema_config)
     trainer = SEMATrainer(
         model=model,

@@ -180,6 +180,8 @@ def run_flags(task: Task, variant: Variant, seed: int, output_dir: str) -> list[
         flags += ["--decay", repr(decay_for(variant.horizon_epochs, task.steps_per_epoch))]
         flags += ["--switch_start_epoch", str(variant.switch_start_epoch)]
         flags += ["--switch_policy", variant.switch_policy]  # explicit: the examples' default is if_better
+    if variant.mode != "none" and not variant.posthoc_every:
+        flags += ["--posthoc_auto", "false"]  # the examples' post-hoc default would change what the run saves
     if variant.posthoc_every:
         # Chosen on the held-out set's loss (the examples turn eval_loss into eval_validation_loss), reported on test.
         grid = [f"horizon_epochs={h:g}" for h in task.posthoc_horizons] + [f"sigma_rel={w:g}" for w in POSTHOC_WIDTHS]

@@ -326,9 +326,10 @@ def test_if_better_decides_on_the_held_out_digits_and_the_test_digits_are_report
 
 def test_posthoc_select_chooses_on_the_validation_digits_and_saves_the_choice(captured, tmp_path):
     out = str(tmp_path / "vit-posthoc")
-    flags = ["--validation_samples", "16", "--posthoc_every_steps", "1", "--posthoc_select", "eval_loss"]
-    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT, *flags])
+    # No --posthoc_* flag: held-out digits turn post-hoc selection on by default (8 steps: a snapshot every step).
+    metrics = run_image_classification.main(["--output_dir", out, *TINY_VIT, "--validation_samples", "16"])
     (callback,) = captured
+    assert callback.config.posthoc_every_steps == 1
     assert callback.config.posthoc_select == "eval_validation_loss"  # never chosen on the test digits it reports
     sweep = callback.posthoc_sweep
     assert sweep.data == "eval_dataset['validation'] (16 examples)"  # the test digits are not even evaluated
@@ -340,6 +341,34 @@ def test_posthoc_select_chooses_on_the_validation_digits_and_saves_the_choice(ca
         os.path.join(out, "posthoc_sweep.png")
     )
     assert f"**`{sweep.chosen}`**" in _card(out).text
+
+
+def test_examples_turn_posthoc_selection_on_only_with_held_out_data_and_no_posthoc_flag():
+    parser = HfArgumentParser((TrainingArguments, example_utils.SEMAExampleArguments))
+
+    def decide(argv: list[str], eval_dataset: object) -> SEMAConfig:
+        training_args, example_args = parser.parse_args_into_dataclasses(
+            ["--output_dir", "unused", "--per_device_train_batch_size", "4", "--num_train_epochs", "3", *argv]
+        )
+        train = list(range(1000))  # 250 steps per epoch, 750 in all: 128 snapshots are one every 5 steps
+        config, _ = example_utils.example_posthoc(argv, SEMAConfig(), example_args, training_args, eval_dataset, train)
+        return config
+
+    held_out = {"validation": [0], "test": [0]}
+    on = decide([], held_out)
+    assert (on.posthoc_every_steps, on.posthoc_select) == (5, "eval_loss")
+    for argv, eval_dataset in (
+        (["--posthoc_auto", "false"], held_out),  # turned off
+        ([], [0]),  # no held-out set: the choice would be made on the data the run reports
+        (["--sema_mode", "none"], held_out),
+    ):
+        assert decide(argv, eval_dataset).posthoc_every_steps is None, argv
+    # A --posthoc_* flag the user gave wins (the parser applied it to the config already): nothing is added.
+    training_args, example_args = parser.parse_args_into_dataclasses(["--output_dir", "unused"])
+    given, why = example_utils.example_posthoc(
+        ["--posthoc_every_steps", "7"], SEMAConfig(), example_args, training_args, held_out, list(range(100))
+    )
+    assert given.posthoc_select is None and "given" in why
 
 
 @pytest.mark.parametrize(
