@@ -169,13 +169,7 @@ class SEMA:
             before_read=getattr(engine, "before_read", None),  # DDP + include_buffers: rank 0's buffers
         )
         self.run_id = uuid.uuid4().hex
-        self.global_step = 0  # optimizer steps seen (skipped ones included, as the Trainer counts them)
-        self.epochs_completed = 0
-        self.num_updates = 0
-        self.num_switches = 0
-        self.last_decay: float | None = None
-        self.last_switch_decision: bool | None = None
-        self.steps_since_decision = 0
+        self._reset_counters()
         self.final_weights_held: str | None = None
         self._swapped = False
         self._fresh_pending = False
@@ -229,6 +223,7 @@ class SEMA:
         """
         if self._swapped:
             raise RuntimeError("SEMA.swapped_in() is already active: the average is in the model; do not nest it.")
+        self._refuse_moved_tensors("swapped_in()")
         self._fresh_if_pending()
         self._check_every_rank_enters("swapped_in()")
         self._swapped = True
@@ -275,6 +270,7 @@ class SEMA:
         step but does not update the average, as in the Trainer. The scores are used only at a step-counted switch
         point (``switch_every_steps``) under ``switch_policy="if_better"``; see `epoch_end`."""
         self._refuse_while_swapped("step()")
+        self._refuse_moved_tensors("step()")
         accelerator = self.accelerator
         if accelerator is not None and not accelerator.sync_gradients:
             return False
@@ -303,6 +299,7 @@ class SEMA:
         taken by every rank (one broadcast), so give every rank the same scores (``accelerator.gather_for_metrics``).
         """
         self._refuse_while_swapped("epoch_end()")
+        self._refuse_moved_tensors("epoch_end()")
         self.epochs_completed += 1
         cfg = self.config
         if not (
@@ -327,6 +324,7 @@ class SEMA:
         (``"ema"`` or ``"model"``). Under ``switch_policy="if_better"`` the average stays out unless it won: the last
         switch point's decision when no step followed it, else give scores or ``evaluate`` as for `epoch_end`."""
         self._refuse_while_swapped("finalize()")
+        self._refuse_moved_tensors("finalize()")
         self._fresh_if_pending()
         final = self.config.final_weights
         if final == "ema" and self.config.switch_policy == "if_better":
@@ -437,12 +435,25 @@ class SEMA:
         rank (no EMA state, a damaged shard, another model) is raised on every rank.
 
         A folder without EMA state is an error, unless ``allow_fresh`` (default: ``allow_fresh_ema_on_resume``):
-        then the average restarts from the weights at the next `step` (counters from zero)."""
+        then SEMA starts over as if it were made at this point: every counter restarts from zero (``global_step``,
+        ``epochs_completed``, ``num_updates``, ``num_switches``), so the decay warmup runs again from its first
+        step (``m_1``, not ``m_t`` of the step reached before) and the next step-counted switch comes
+        ``switch_every_steps`` steps after the load, and the average restarts as a copy of the weights at the next
+        `step` (or `swapped_in`, `ema_state_dict`, `save`, whichever comes first: under
+        ``accelerator.load_state`` this runs before the weights are loaded). The loop's own step count lives in
+        SEMA only, so nothing else could tell it where the loaded run stood.
+
+        Refused inside `swapped_in` (the model holds the average there)."""
+        self._refuse_while_swapped("load()")
         allow_fresh = self.config.allow_fresh_ema_on_resume if allow_fresh is None else allow_fresh
         missing = not has_ema_checkpoint(folder)
         if _any_rank(missing):
             if allow_fresh:
-                logger.warning(f"SEMA: no EMA state in {folder!r}; the average restarts from the restored weights.")
+                logger.warning(
+                    f"SEMA: no EMA state in {folder!r}; the average restarts from the weights at the next step, "
+                    "with the counters (decay warmup, step-counted switches, epochs) from zero."
+                )
+                self._reset_counters()
                 self._fresh_pending = True
                 return {}
             error: BaseException | None = (
@@ -490,6 +501,12 @@ class SEMA:
         self.save(output_dir)
 
     def _load_state_hook(self, models: list, input_dir: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                "accelerator.load_state() was called inside sema.swapped_in(): the model holds the average there, "
+                "and leaving the block would copy the pre-swap raw weights over the loaded ones, while SEMA's "
+                "average and counters would be the loaded checkpoint's. Load outside the block."
+            )
         self.load(input_dir)
 
     def _writer(self) -> bool | None:
@@ -504,6 +521,15 @@ class SEMA:
         return bool(accelerator.is_main_process)
 
     # ---- internals --------------------------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self.global_step = 0  # optimizer steps seen (skipped ones included, as the Trainer counts them)
+        self.epochs_completed = 0
+        self.num_updates = 0
+        self.num_switches = 0
+        self.last_decay: float | None = None
+        self.last_switch_decision: bool | None = None
+        self.steps_since_decision = 0
+
     def _counters(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
@@ -520,6 +546,21 @@ class SEMA:
             raise RuntimeError(
                 f"SEMA.{what} was called inside sema.swapped_in(): the model holds the average there, and training "
                 "must continue from the raw weights. Leave the block first."
+            )
+
+    def _refuse_moved_tensors(self, what: str) -> None:
+        """Refuse to go on when the model was moved or cast after SEMA was made (see `sema_hf.engines.local`:
+        a metadata check, no kernel, no host sync). Refused rather than followed: the average of the old tensors
+        would be re-bound to new ones of another dtype or device, and a switch already written into the old ones
+        would be lost; making SEMA after the move is the one order that is right on every engine."""
+        check = getattr(self.engine, "moved_tensors", None)
+        moved = check() if check is not None else []
+        if moved:
+            shown = "; ".join(moved[:5]) + (f"; and {len(moved) - 5} more" if len(moved) > 5 else "")
+            raise RuntimeError(
+                f"SEMA.{what}: {len(moved)} averaged tensor(s) of the model were moved or cast after SEMA was made "
+                f"({shown}). SEMA would keep averaging, and switch into, tensors the model no longer uses. Make "
+                "SEMA(...) after the model is moved or cast (after accelerator.prepare, .to(device), .half()...)."
             )
 
     def _fresh_if_pending(self) -> None:
