@@ -76,28 +76,41 @@ def save_ema_checkpoint(
     averages: Mapping[str, torch.Tensor],
     layout: Layout,
     meta: Mapping[str, Any],
-    barrier: Callable[[], None] = lambda: None,
     writer: bool | None = None,
 ) -> None:
-    """Write this rank's averages (every rank calls this; ``barrier`` synchronises them before the JSON).
+    """Write this rank's averages; every rank calls this.
 
     ``writer``: whether this process writes the files every node needs once (the JSON, and the full average of an
     unsharded engine); default rank 0. With ``save_on_each_node`` (no shared storage) it is each node's first
     process, so that every node's copy of the checkpoint is complete.
+
+    Every rank waits for the shards before the JSON is written, and for the JSON before returning: each wait is
+    `raise_if_any_rank_failed` (one all-reduce of one integer), so a write that fails on one rank (a full disk, a
+    folder it cannot create) raises on every rank, naming that rank and its reason. No rank is left waiting for
+    the failed one, and none returns as if the checkpoint were saved; the folder then has no ``sema_state.json``
+    and counts as holding no EMA state.
     """
     writer = layout.rank == 0 if writer is None else writer
-    os.makedirs(directory, exist_ok=True)
     num_shards = layout.world_size if layout.sharded else 1
-    if layout.sharded or writer:
-        shard = layout.rank if layout.sharded else 0
-        # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
-        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
-        header = {"format": FORMAT, "layout": json.dumps(asdict(layout)), "fingerprint": layout_fingerprint(layout)}
-        atomic_write(
-            os.path.join(directory, shard_file_name(shard, num_shards)),
-            lambda tmp: save_file(tensors, tmp, metadata=header),
-        )
-    barrier()
+    error: BaseException | None = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if layout.sharded or writer:
+            shard = layout.rank if layout.sharded else 0
+            # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
+            tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
+            header = {
+                "format": FORMAT,
+                "layout": json.dumps(asdict(layout)),
+                "fingerprint": layout_fingerprint(layout),
+            }
+            atomic_write(
+                os.path.join(directory, shard_file_name(shard, num_shards)),
+                lambda tmp: save_file(tensors, tmp, metadata=header),
+            )
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+        error = err
+    raise_if_any_rank_failed(error, f"write its EMA shard into {directory!r}")
     if writer:
         state = {
             "format": FORMAT,
@@ -114,8 +127,11 @@ def save_ema_checkpoint(
             with open(tmp, "w") as f:
                 json.dump(state, f, indent=2)
 
-        atomic_write(os.path.join(directory, STATE_NAME), write_json)
-    barrier()
+        try:
+            atomic_write(os.path.join(directory, STATE_NAME), write_json)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+    raise_if_any_rank_failed(error, f"write {STATE_NAME} into {directory!r}")
 
 
 def has_ema_checkpoint(directory: str) -> bool:

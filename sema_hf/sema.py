@@ -425,9 +425,7 @@ class SEMA:
             "config": self.config.to_dict(),
         }
         writer = self._writer() if writer is None else writer
-        _save_ema_checkpoint(
-            folder, self.store.state_dict(), self.engine.layout(), meta, barrier=_barrier, writer=writer
-        )
+        _save_ema_checkpoint(folder, self.store.state_dict(), self.engine.layout(), meta, writer=writer)
 
     def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
@@ -610,11 +608,6 @@ def loop_warmup_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _flag_tensor(value: int) -> torch.Tensor:
