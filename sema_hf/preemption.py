@@ -33,7 +33,9 @@ With ``SEMACallback(allow_fresh_ema_on_resume=True)`` a checkpoint whose only mi
 complete: the user accepts a fresh average, and an explicit ``resume_from_checkpoint=PATH`` to it must stay possible.
 
 Every process judges its own view (with ``save_on_each_node`` and no shared storage each node has its own copy) and
-the processes agree on the newest step complete in every view. One process per filesystem (the one that saves,
+the processes agree on the newest step complete in every view. Without ``save_on_each_node`` only global rank 0
+writes ``trainer_state.json``; a process that sees none at all (another node without shared storage) abstains, so
+that its empty view does not make every checkpoint look incomplete. One process per filesystem (the one that saves,
 ``args.should_save``) renames each ``checkpoint-M`` with M above that step to ``_incomplete-checkpoint-M`` and warns;
 the others wait at a barrier; so every rank resumes the same step. The prefix keeps the folder out of
 ``get_last_checkpoint``, out of rotation (which globs ``checkpoint-*`` and would delete ``checkpoint-M.incomplete``,
@@ -146,7 +148,14 @@ def set_aside_incomplete_checkpoints(args: TrainingArguments, require_ema: bool 
     """
     folders = checkpoint_folders(args.output_dir)
     reasons = {step: incomplete_reason(f, args.process_index, args.world_size, require_ema) for step, f in folders}
-    views = _all_gather({step for step, reason in reasons.items() if reason is None}, args)
+    # Without save_on_each_node only global rank 0 writes trainer_state.json: a rank on another node without shared
+    # storage sees none (at most its own RNG files), which says nothing about whether the checkpoints are complete.
+    # Such a view abstains; else it would empty the common set and rank 0 would set every checkpoint aside.
+    abstains = not args.save_on_each_node and not any(
+        os.path.isfile(os.path.join(f, TRAINER_STATE_NAME)) for _, f in folders
+    )
+    gathered = _all_gather((abstains, {step for step, reason in reasons.items() if reason is None}), args)
+    views = [view for abstained, view in gathered if not abstained] or [view for _, view in gathered]
     common = set.intersection(*views)
     newest = max(common) if common else None
     renamed: list[str] = []
