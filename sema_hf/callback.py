@@ -18,8 +18,11 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
                        Trainer's eval_* describe the weights the checkpoint holds (`evaluation` has the contract)
     on_log             the Trainer's dict of this round gets the key of SEMA's metric_for_best_model names
     on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint)
-    on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
-                       before the Trainer's own save, so that rotation and Hub uploads see it complete)
+    on_step_end /      last, when DefaultFlowCallback asked for a save: write the average into checkpoint-N
+    on_epoch_end       before the Trainer's own files, so that rotation (save_total_limit, before any on_save) and
+                       Hub uploads see it complete (`SEMATrainer` does it in _save_checkpoint)
+    on_save            write the average next to the checkpoint the Trainer just wrote, unless written above
+                       (save_strategy="best" is decided after the evaluation: its EMA is written here)
     on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it
 """
 
@@ -120,7 +123,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         # Trainer may run right after it.
         self._measured: tuple[int | None, dict[str, float]] = (None, {})
         self._sema_metric: str | None = None  # a key of SEMA's (eval_ema_*) that metric_for_best_model names
-        self._saved_folder: str | None = None
+        # (folder, counters) of the EMA written last: on_save skips a folder written earlier in the same step.
+        self._saved: tuple[str, dict[str, Any]] | None = None
 
     # ---- the core's state, read through the callback -------------------------------------------------------------
     @property
@@ -296,6 +300,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             logs.update(self._switch_point(store, control, kwargs.get("model")))
         logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
+        self._save_before_trainer(control, state)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         store = self._require_store()
@@ -313,6 +318,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             logs = {}
         logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
+        self._save_before_trainer(control, state)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         # Trainer.evaluate() logs its metrics dict (this very object) before any callback's on_evaluate: the key of
@@ -328,8 +334,8 @@ class SEMACallback(TrainerCallback, ExportableState):
             logger.warning("SEMA: a checkpoint was saved while EMA weights were swapped in for evaluation.")
             self._round.reset()
         folder = self.checkpoint_folder(state.global_step)
-        if self._saved_folder == folder and has_ema_checkpoint(folder):
-            return  # written before the Trainer's own save (SEMATrainer)
+        if self._written_already(folder):
+            return  # written before the Trainer's own save (`_save_before_trainer`, or SEMATrainer)
         self.save_checkpoint(folder, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -373,14 +379,40 @@ class SEMACallback(TrainerCallback, ExportableState):
         """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``run_dir/checkpoint-<global_step>``:
         the raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
         self._round.reset()
-        self.save_checkpoint(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"), global_step)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+        if not self._written_already(folder):
+            self.save_checkpoint(folder, global_step)
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
         """Write this rank's average and the JSON into ``folder``; every rank must call it."""
         core = self._require_core()
         core.global_step = global_step
         core.save(folder, writer=self._args.should_save if self._args is not None else None)
-        self._saved_folder = folder
+        self._saved = (folder, core.state_dict())
+
+    def _written_already(self, folder: str) -> bool:
+        """Whether ``folder`` holds the EMA as it is now (written earlier in this step, nothing changed since)."""
+        core = self._require_core()
+        return self._saved == (folder, core.state_dict()) and has_ema_checkpoint(folder)
+
+    def _save_before_trainer(self, control: TrainerControl, state: TrainerState) -> None:
+        """Write the EMA into ``checkpoint-N`` when the Trainer is about to save it (``control.should_save``, set by
+        ``DefaultFlowCallback`` before this callback runs), after this hook's switch point: nothing SEMA keeps
+        changes between here and the Trainer's save (the evaluation in between only swaps the average in and
+        out). So the EMA is on disk before the Trainer writes its files and rotates older checkpoints away
+        (``save_total_limit``), which happens before any ``on_save``: a kill between the two saves leaves the
+        older checkpoint in place (the newest has no ``trainer_state.json``) or a complete newest one, never a
+        newest checkpoint without its EMA and no older one. `SEMATrainer` writes it in ``_save_checkpoint``
+        instead (which also covers ``save_strategy="best"`` and the checkpoint transformers writes on SIGTERM);
+        a save that this hook cannot foresee (``save_strategy="best"``, a later callback setting
+        ``should_save``) is written in ``on_save`` as before."""
+        if not (control.should_save and self._training) or self.core is None:
+            return
+        if getattr(self._binding.trainer, "sema_saves_ema_first", False):
+            return  # SEMATrainer writes it in _save_checkpoint
+        folder = self.checkpoint_folder(state.global_step)
+        if not self._written_already(folder):
+            self.save_checkpoint(folder, state.global_step)
 
     def load_checkpoint(self, folder: str) -> dict[str, Any]:
         """Restore the average and counters saved in ``folder``; raises if absent or not matching this model (on

@@ -16,15 +16,19 @@ What is written last (transformers 5.24, ``Trainer._save_checkpoint``; the order
 3. then Hub upload and rotation (``save_total_limit``), which only delete older folders.
 
 SEMA's files (`sema_hf.checkpoint`): every rank's ``sema_ema-*.safetensors`` shard (atomic), a barrier, then
-``sema_state.json`` (atomic), so that JSON is SEMA's last file. The plain `SEMACallback` writes them in ``on_save``,
-after all of the above; `sema_hf.SEMATrainer` writes them before the Trainer's own files.
+``sema_state.json`` (atomic), so that JSON is SEMA's last file. They are written before the Trainer's own files:
+by `sema_hf.SEMATrainer` in ``_save_checkpoint``, by the plain `SEMACallback` at the end of its ``on_step_end`` /
+``on_epoch_end`` when ``control.should_save`` is set. So rotation (step 3, before any ``on_save``) never deletes
+the older checkpoint while the newest lacks its EMA: with ``save_total_limit=1`` a kill right after rotation leaves
+a complete newest checkpoint, as without SEMA. Saves the plain callback cannot foresee there
+(``save_strategy="best"``, decided after the evaluation) get their EMA in ``on_save``, after all of the above.
 
 So a folder ``checkpoint-N`` is complete, as seen by one process, when:
 
 * ``trainer_state.json`` parses and records ``global_step`` N (the saving process finished its Trainer files);
 * if that state records a SEMA run (``stateful_callbacks["SEMACallback"]`` carries a checkpoint identity, which
   the Trainer writes only while `SEMACallback` trains), ``sema_state.json`` exists for step N (every rank
-  finished its EMA shard). With the plain callback this also means every rank finished the Trainer's save;
+  finished its EMA shard). For an EMA written in ``on_save`` this also means every rank finished the Trainer's save;
 * in a SEMA run resumed on the world size it was saved with, and unless the folder holds no RNG file at all
   (``save_only_model``), this process's own ``rng_state_<rank>.pth`` exists (with `SEMATrainer` rank 0 may finish
   ``trainer_state.json`` before another rank wrote its RNG file).
