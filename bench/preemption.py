@@ -5,7 +5,9 @@ Runs the fault-injection harness of the tests (``tests/preemption_harness.py``: 
 every step, ``save_total_limit=3``) with more trials than the test: every kill point ``--rounds`` times at random
 steps, plus ``--random`` kills at random moments. A trial counts as resumed when the resumed run finishes, started
 from the newest checkpoint whose save had finished (or a newer complete one), and ends bit-identical (weights and,
-with SEMA, the EMA) to an uninterrupted run. Prints one table row per mode and outcome.
+with SEMA, the EMA) to an uninterrupted run. Prints one table row per mode and outcome, then the rows of one kill
+point alone: ``rotated-1``, with ``save_total_limit=1``, right after transformers' rotation deleted the older
+checkpoint and before any callback's ``on_save`` (the only checkpoint left is the newest: it must hold the EMA).
 
 Run: ``python bench/preemption.py [--rounds 3] [--random 10] [--seed 0] [--json out.json]`` (about 5 minutes on 2
 CPU cores with the defaults).
@@ -55,6 +57,14 @@ def main() -> None:
     print("| setup | killed | resumed (bit-exact) | other outcomes |\n|---|---|---|---|")
     for mode, label in LABELS.items():
         mine = [t for t in trials if t["mode"] == mode and t["killed"]]
+        outcomes = collections.Counter(t["outcome"] if t["outcome"] != "crashed" else _crash(t) for t in mine)
+        resumed = outcomes.pop("resumed", 0)
+        other = "; ".join(f"{n} {what}" for what, n in outcomes.most_common()) or "-"
+        print(f"| {label} | {len(mine)} | {resumed} of {len(mine)} | {other} |")
+    print("\nKilled right after rotation with save_total_limit=1, before on_save (kill point rotated-1):\n")
+    print("| setup | killed | resumed (bit-exact) | other outcomes |\n|---|---|---|---|")
+    for mode, label in LABELS.items():
+        mine = [t for t in trials if t["mode"] == mode and t["killed"] and t["point"] == "rotated-1"]
         outcomes = collections.Counter(t["outcome"] if t["outcome"] != "crashed" else _crash(t) for t in mine)
         resumed = outcomes.pop("resumed", 0)
         other = "; ".join(f"{n} {what}" for what, n in outcomes.most_common()) or "-"
