@@ -9,8 +9,8 @@ with SEMA, the EMA) to an uninterrupted run. Prints one table row per mode and o
 point alone: ``rotated-1``, with ``save_total_limit=1``, right after transformers' rotation deleted the older
 checkpoint and before any callback's ``on_save`` (the only checkpoint left is the newest: it must hold the EMA).
 
-Run: ``python bench/preemption.py [--rounds 3] [--random 10] [--seed 0] [--points rotated-1] [--json out.json]`` (about 5 minutes on 2
-CPU cores with the defaults).
+Run: ``python bench/preemption.py [--rounds 3] [--random 10] [--seed 0] [--points rotated-1] [--json out.json]``
+(about 5 minutes on 2 CPU cores with the defaults).
 """
 
 from __future__ import annotations
