@@ -79,8 +79,8 @@ class SEMA:
         model: the model as ``accelerator.prepare`` returned it (DDP / FSDP / DeepSpeed wrapped), or a plain module,
             already on its device and in its dtype: the average follows the tensors the model holds now, so a later
             ``.to(device)`` / ``.half()`` (anything through ``Module._apply``) is refused at the next `step`,
-            `epoch_end`, `swapped_in` or `finalize` (one process, DDP and ``shard_under_ddp``; the sharded
-            engines average the optimizer's own partitions, which ``Module._apply`` does not replace).
+            `epoch_end`, `swapped_in` or `finalize` (checked under one process, DDP and ``shard_under_ddp``; not
+            under FSDP and ZeRO, whose prepared models are not moved or cast by hand).
         optimizer: the optimizer as prepared (accelerate's wrapper is fine). Needed under DeepSpeed ZeRO; for the
             other engines it is only used to find the engine.
         accelerator: the run's ``accelerate.Accelerator``. With it, `step` counts only real optimizer steps
