@@ -18,10 +18,11 @@ What is written last (transformers 5.24, ``Trainer._save_checkpoint``; the order
 SEMA's files (`sema_hf.checkpoint`): every rank's ``sema_ema-*.safetensors`` shard (atomic), a barrier, then
 ``sema_state.json`` (atomic), so that JSON is SEMA's last file. They are written before the Trainer's own files:
 by `sema_hf.SEMATrainer` in ``_save_checkpoint``, by the plain `SEMACallback` at the end of its ``on_step_end`` /
-``on_epoch_end`` when ``control.should_save`` is set. So rotation (step 3, before any ``on_save``) never deletes
-the older checkpoint while the newest lacks its EMA: with ``save_total_limit=1`` a kill right after rotation leaves
-a complete newest checkpoint, as without SEMA. Saves the plain callback cannot foresee there
-(``save_strategy="best"``, decided after the evaluation) get their EMA in ``on_save``, after all of the above.
+``on_epoch_end`` when ``control.should_save`` is set, or in ``on_evaluate`` on a new best metric under
+``save_strategy="best"``. So rotation (step 3, before any ``on_save``) never deletes the older checkpoint while the
+newest lacks its EMA: with ``save_total_limit=1`` a kill right after rotation leaves a complete newest checkpoint,
+as without SEMA. Only a save that a callback after SEMA's requests gets its EMA in ``on_save``, after all of the
+above.
 
 So a folder ``checkpoint-N`` is complete, as seen by one process, when:
 

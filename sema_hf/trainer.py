@@ -6,10 +6,10 @@
   covers the checkpoints that fire no ``on_save`` (transformers' just-in-time checkpoint on SIGTERM calls
   ``_save_checkpoint`` directly). With a plain `transformers.Trainer` the callback writes them at the end of its
   ``on_step_end`` / ``on_epoch_end`` when ``DefaultFlowCallback`` asked for a save (``save_strategy`` "steps" or
-  "epoch"), so also before the Trainer's files; only the saves it cannot foresee there (``save_strategy="best"``,
-  which is decided after the evaluation, and a save a later callback requests) get their EMA in ``on_save``, after
-  the upload and the rotation: a crash between the two saves then leaves a newest checkpoint without EMA, which
-  `sema_hf.preemption` sets aside and `sema_hf.resume` refuses with an error that says so.
+  "epoch") and in ``on_evaluate`` on a new best (``"best"``), so also before the Trainer's files; only a save that
+  a callback after it requests gets its EMA in ``on_save``, after the upload and the rotation: a crash between the
+  two saves then leaves a newest checkpoint without EMA, which `sema_hf.preemption` sets aside and
+  `sema_hf.resume` refuses with an error that says so.
 * `HandOverBindingMixin`: the training loop hands its Trainer, resume folder, trial and ``ignore_keys_for_eval`` to
   the callback explicitly (`sema_hf.binding`), instead of the callback finding them on the call stack.
 * `RawWeightsOnErrorMixin`: an exception inside ``evaluate()`` (a failing ``compute_metrics``, a KeyboardInterrupt

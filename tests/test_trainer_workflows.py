@@ -278,6 +278,48 @@ def test_plain_callback_has_the_ema_in_place_when_a_crash_follows_the_trainers_s
     assert not [n for n in os.listdir(tmp_path) if n.startswith("_incomplete-")]
 
 
+class CrashOnSecondSave(TrainerCallback):
+    """Placed before SEMACallback: dies in the second on_save, after the Trainer's save and its rotation."""
+
+    def __init__(self):
+        self.saves = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves.append(state.global_step)
+        if len(self.saves) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("with_sema", [False, True])
+def test_save_strategy_best_with_save_total_limit_1_resumes_after_a_crash_before_on_save(tmp_path, with_sema):
+    """save_strategy="best" is decided after the evaluation, and rotation (save_total_limit=1) deletes the older
+    checkpoint before any on_save: the plain callback writes the EMA in on_evaluate when the metric is a new best,
+    so a crash there resumes from the newest checkpoint, as the run without SEMA does."""
+    settings = dict(
+        save_strategy="best", eval_strategy="steps", eval_steps=1, metric_for_best_model="loss",
+        save_total_limit=1,
+    )  # fmt: skip
+    crash = CrashOnSecondSave()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_trainer(str(tmp_path), [crash] + ([SEMACallback(decay=0.8)] if with_sema else []), **settings).train()
+    second = crash.saves[1]
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint-{second}"]  # the first best was rotated away
+    resumed, start = SEMACallback(decay=0.8), StartStep()
+    callbacks = [start] + ([resumed] if with_sema else [])
+    tiny_trainer(str(tmp_path), callbacks, **settings).train(resume_from_checkpoint=True)
+    assert start.step == second
+    if with_sema:
+        assert resumed.num_updates == 8  # restored with the EMA of that step, then to the end
+
+
+class StartStep(TrainerCallback):
+    def __init__(self):
+        self.step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
 def test_sema_trainer_has_the_ema_in_place_when_a_crash_follows_the_trainers_save(tmp_path):
     data = tiny_dataset()
 
