@@ -229,8 +229,10 @@ def fake_hub(monkeypatch, tmp_path):
     return sent
 
 
+@pytest.mark.parametrize("trainer_class", [Trainer, SEMATrainer])
 @pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
-def test_sema_trainer_uploads_checkpoints_with_their_ema_files(tmp_path, fake_hub, strategy):
+def test_uploaded_checkpoints_hold_their_ema_files(tmp_path, fake_hub, strategy, trainer_class):
+    """The upload starts inside the Trainer's save, before any on_save: both write the EMA before that save."""
     sema = SEMACallback(decay=0.8)
     data = tiny_dataset()
     args = tiny_args(
@@ -243,7 +245,7 @@ def test_sema_trainer_uploads_checkpoints_with_their_ema_files(tmp_path, fake_hu
         hub_strategy=strategy,
         hub_always_push=True,
     )
-    SEMATrainer(model=tiny_model(), args=args, train_dataset=data, callbacks=[sema]).train()
+    trainer_class(model=tiny_model(), args=args, train_dataset=data, callbacks=[sema]).train()
     checkpoint_uploads = [files for path, files in fake_hub if path is not None]
     assert len(checkpoint_uploads) == 2
     for files in checkpoint_uploads:
