@@ -394,9 +394,11 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._saved = (folder, core.state_dict())
 
     def _written_already(self, folder: str) -> bool:
-        """Whether ``folder`` holds the EMA as it is now (written earlier in this step, nothing changed since)."""
-        core = self._require_core()
-        return self._saved == (folder, core.state_dict()) and has_ema_checkpoint(folder)
+        """Whether ``folder`` holds the EMA as it is now (written earlier in this step, nothing changed since).
+        Decided from what this process did, never from the disk: every rank must take the same decision (the
+        write is a collective), and without shared storage or ``save_on_each_node`` a rank of another node never
+        sees ``sema_state.json``. A save that returned was written on every rank (a failure raises on all)."""
+        return self._saved == (folder, self._require_core().state_dict())
 
     def _save_before_trainer(self, state: TrainerState, forced: bool) -> None:
         """Write the EMA into ``checkpoint-N`` when the Trainer is about to save it: ``forced`` is
