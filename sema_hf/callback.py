@@ -17,9 +17,13 @@ Where each piece plugs into the Trainer's loop (transformers 5.x)::
                        evaluation loop and decides there, before the Trainer's evaluation and checkpoint: so the
                        Trainer's eval_* describe the weights the checkpoint holds (`evaluation` has the contract)
     on_log             the Trainer's dict of this round gets the key of SEMA's metric_for_best_model names
-    on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint)
-    on_save            write the average next to the checkpoint the Trainer just wrote (`SEMATrainer` writes it
-                       before the Trainer's own save, so that rotation and Hub uploads see it complete)
+    on_evaluate        after the last eval set: swap the raw weights back (before any checkpoint); under
+                       save_strategy="best", when the metric is a new best, write the average as above
+    on_step_end /      last, when DefaultFlowCallback asked for a save: write the average into checkpoint-N
+    on_epoch_end       before the Trainer's own files, so that rotation (save_total_limit, before any on_save) and
+                       Hub uploads see it complete (`SEMATrainer` does it in _save_checkpoint)
+    on_save            write the average next to the checkpoint the Trainer just wrote, unless written above
+                       (a save that a callback after this one requested)
     on_train_end       leave the average in the model (final_weights="ema") so save_model/push_to_hub write it;
                        with posthoc_select, after the Trainer's load_best_model_at_end: score the post-hoc grid,
                        the classic EMA and the raw weights (and the best checkpoint's average) with SEMA's own
@@ -139,7 +143,8 @@ class SEMACallback(TrainerCallback, ExportableState):
         # Trainer may run right after it.
         self._measured: tuple[int | None, dict[str, float]] = (None, {})
         self._sema_metric: str | None = None  # a key of SEMA's (eval_ema_*) that metric_for_best_model names
-        self._saved_folder: str | None = None
+        # (folder, counters) of the EMA written last: on_save skips a folder written earlier in the same step.
+        self._saved: tuple[str, dict[str, Any]] | None = None
 
     # ---- the core's state, read through the callback -------------------------------------------------------------
     @property
@@ -318,6 +323,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             logs.update(self._switch_point(store, control, kwargs.get("model")))
         logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
+        self._save_before_trainer(state, forced=control.should_save)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         store = self._require_store()
@@ -335,6 +341,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             logs = {}
         logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
+        self._save_before_trainer(state, forced=control.should_save)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         # Trainer.evaluate() logs its metrics dict (this very object) before any callback's on_evaluate: the key of
@@ -344,14 +351,16 @@ class SEMACallback(TrainerCallback, ExportableState):
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs):
         self._round.add_to_trainer_metrics(metrics, self._sema_metric)  # a Trainer.log() that copied the dict
         self._round.on_evaluate()  # after the last eval set: the raw weights are back before any checkpoint
+        if self._training and _trainer_saves_a_new_best(args, state, metrics):
+            self._save_before_trainer(state, forced=True)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._round.swapped_in:
             logger.warning("SEMA: a checkpoint was saved while EMA weights were swapped in for evaluation.")
             self._round.reset()
         folder = self.checkpoint_folder(state.global_step)
-        if self._saved_folder == folder and has_ema_checkpoint(folder):
-            return  # written before the Trainer's own save (SEMATrainer)
+        if self._written_already(folder):
+            return  # written before the Trainer's own save (`_save_before_trainer`, or SEMATrainer)
         self.save_checkpoint(folder, state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -455,14 +464,42 @@ class SEMACallback(TrainerCallback, ExportableState):
         """Called by `EMAFirstCheckpointMixin` just before the Trainer writes ``run_dir/checkpoint-<global_step>``:
         the raw weights come back first (the Trainer must save them, never the swapped-in average), then the EMA."""
         self._round.reset()
-        self.save_checkpoint(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"), global_step)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+        if not self._written_already(folder):
+            self.save_checkpoint(folder, global_step)
 
     def save_checkpoint(self, folder: str, global_step: int) -> None:
         """Write this rank's average and the JSON into ``folder``; every rank must call it."""
         core = self._require_core()
         core.global_step = global_step
         core.save(folder, writer=self._args.should_save if self._args is not None else None)
-        self._saved_folder = folder
+        self._saved = (folder, core.state_dict())
+
+    def _written_already(self, folder: str) -> bool:
+        """Whether ``folder`` holds the EMA as it is now (written earlier in this step, nothing changed since).
+        Decided from what this process did, never from the disk: every rank must take the same decision (the
+        write is a collective), and without shared storage or ``save_on_each_node`` a rank of another node never
+        sees ``sema_state.json``. A save that returned was written on every rank (a failure raises on all)."""
+        return self._saved == (folder, self._require_core().state_dict())
+
+    def _save_before_trainer(self, state: TrainerState, forced: bool) -> None:
+        """Write the EMA into ``checkpoint-N`` when the Trainer is about to save it: ``forced`` is
+        ``control.should_save`` (set by ``DefaultFlowCallback`` before this callback runs) at the end of
+        ``on_step_end`` / ``on_epoch_end``, after their switch point, or, under ``save_strategy="best"``, a new best
+        metric in ``on_evaluate`` (`_trainer_saves_a_new_best`). Nothing SEMA keeps changes between there and the
+        Trainer's save (the evaluation in between only swaps the average in and out). So the EMA is on disk before
+        the Trainer writes its files and rotates older checkpoints away (``save_total_limit``), which happens
+        before any ``on_save``: a kill between the two saves leaves the older checkpoint in place (the newest has
+        no ``trainer_state.json``) or a complete newest one, never a newest checkpoint without its EMA and no
+        older one. `SEMATrainer` writes it in ``_save_checkpoint`` instead (which also covers the checkpoint
+        transformers writes on SIGTERM); a save requested by a callback after this one is written in ``on_save``."""
+        if not (forced and self._training) or self.core is None:
+            return
+        if getattr(self._binding.trainer, "sema_saves_ema_first", False):
+            return  # SEMATrainer writes it in _save_checkpoint
+        folder = self.checkpoint_folder(state.global_step)
+        if not self._written_already(folder):
+            self.save_checkpoint(folder, state.global_step)
 
     def load_checkpoint(self, folder: str) -> dict[str, Any]:
         """Restore the average and counters saved in ``folder``; raises if absent or not matching this model (on
@@ -625,6 +662,23 @@ def _refuse_a_second_sema_callback(trainer: Trainer) -> None:
             f"This Trainer has {len(found)} SEMACallbacks; one Trainer takes one: they would write the same EMA "
             "files into every checkpoint and switch the same weights. Keep one (trainer.remove_callback(...))."
         )
+
+
+def _trainer_saves_a_new_best(args: TrainingArguments, state: TrainerState, metrics: dict[str, float] | None) -> bool:
+    """Whether the Trainer saves right after this evaluation under ``save_strategy="best"``: its metric beats
+    ``state.best_metric``, which ``Trainer._determine_best_metric`` (transformers 5.x) updates only after every
+    ``on_evaluate``, by the same rule (``eval_`` prefix added, strict comparison against -inf / inf when there is
+    no best yet, so a NaN is never a new best)."""
+    if args.save_strategy != "best" or not metrics or args.metric_for_best_model is None:
+        return False
+    key = args.metric_for_best_model
+    key = key if key.startswith("eval_") else f"eval_{key}"
+    if key not in metrics:
+        return False  # another eval set of a dict eval_dataset; the Trainer raises if no set has it
+    best = state.best_metric
+    if best is None:
+        best = float("-inf") if args.greater_is_better else float("inf")
+    return bool(metrics[key] > best if args.greater_is_better else metrics[key] < best)  # NaN: never
 
 
 def _trainers_steps_per_epoch(trainer: Trainer | None, loader: Any, args: TrainingArguments) -> int | None:

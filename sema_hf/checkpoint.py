@@ -45,11 +45,11 @@ def shard_file_name(shard: int, num_shards: int) -> str:
 def layout_fingerprint(layout: Layout) -> str:
     """SHA-256 over what must match for the averages to be loaded as saved: engine kind, the model tensors
     covered (names and shapes) and, for sharded engines, the world size."""
-    key = {
-        "sharded": layout.sharded,
-        "world_size": layout.world_size if layout.sharded else 1,
-        "params": layout.params,
-    }
+    return _fingerprint(layout.sharded, layout.world_size, layout.params)
+
+
+def _fingerprint(sharded: bool, world_size: int, params: list) -> str:
+    key = {"sharded": sharded, "world_size": world_size if sharded else 1, "params": [list(p) for p in params]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -76,28 +76,41 @@ def save_ema_checkpoint(
     averages: Mapping[str, torch.Tensor],
     layout: Layout,
     meta: Mapping[str, Any],
-    barrier: Callable[[], None] = lambda: None,
     writer: bool | None = None,
 ) -> None:
-    """Write this rank's averages (every rank calls this; ``barrier`` synchronises them before the JSON).
+    """Write this rank's averages; every rank calls this.
 
     ``writer``: whether this process writes the files every node needs once (the JSON, and the full average of an
     unsharded engine); default rank 0. With ``save_on_each_node`` (no shared storage) it is each node's first
     process, so that every node's copy of the checkpoint is complete.
+
+    Every rank waits for the shards before the JSON is written, and for the JSON before returning: each wait is
+    `raise_if_any_rank_failed` (one all-reduce of one integer), so a write that fails on one rank (a full disk, a
+    folder it cannot create) raises on every rank, naming that rank and its reason. No rank is left waiting for
+    the failed one, and none returns as if the checkpoint were saved; the folder then has no ``sema_state.json``
+    and counts as holding no EMA state.
     """
     writer = layout.rank == 0 if writer is None else writer
-    os.makedirs(directory, exist_ok=True)
     num_shards = layout.world_size if layout.sharded else 1
-    if layout.sharded or writer:
-        shard = layout.rank if layout.sharded else 0
-        # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
-        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
-        header = {"format": FORMAT, "layout": json.dumps(asdict(layout)), "fingerprint": layout_fingerprint(layout)}
-        atomic_write(
-            os.path.join(directory, shard_file_name(shard, num_shards)),
-            lambda tmp: save_file(tensors, tmp, metadata=header),
-        )
-    barrier()
+    error: BaseException | None = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if layout.sharded or writer:
+            shard = layout.rank if layout.sharded else 0
+            # safetensors refuses tensors sharing storage (ours are views of one buffer): write contiguous copies.
+            tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in averages.items()}
+            header = {
+                "format": FORMAT,
+                "layout": json.dumps(asdict(layout)),
+                "fingerprint": layout_fingerprint(layout),
+            }
+            atomic_write(
+                os.path.join(directory, shard_file_name(shard, num_shards)),
+                lambda tmp: save_file(tensors, tmp, metadata=header),
+            )
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+        error = err
+    raise_if_any_rank_failed(error, f"write its EMA shard into {directory!r}")
     if writer:
         state = {
             "format": FORMAT,
@@ -114,8 +127,11 @@ def save_ema_checkpoint(
             with open(tmp, "w") as f:
                 json.dump(state, f, indent=2)
 
-        atomic_write(os.path.join(directory, STATE_NAME), write_json)
-    barrier()
+        try:
+            atomic_write(os.path.join(directory, STATE_NAME), write_json)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+    raise_if_any_rank_failed(error, f"write {STATE_NAME} into {directory!r}")
 
 
 def has_ema_checkpoint(directory: str) -> bool:
@@ -150,13 +166,18 @@ def load_ema_checkpoint(directory: str, layout: Layout) -> tuple[dict[str, torch
     state = read_ema_state(directory)
     if _param_map(state["params"]) != _param_map(layout.params):
         raise ValueError(_describe_param_mismatch(directory, state["params"], layout.params))
+    if _fingerprint(state["sharded"], state["world_size"], state["params"]) != state.get("fingerprint"):
+        raise ValueError(
+            f"{os.path.join(directory, STATE_NAME)}: its fingerprint does not match the layout it records (engine "
+            "kind, world size, tensors): the file was edited or damaged. Resume from another checkpoint."
+        )
     num_shards = state["num_shards"]
     if not layout.sharded and not state["sharded"]:
-        return _load_shard(directory, 0, num_shards), state
+        return _load_shard(directory, 0, num_shards, state), state
     if layout.sharded and state["sharded"] and state["world_size"] == layout.world_size:
-        saved = _shard_layout(directory, layout.rank, num_shards)
+        saved = _shard_layout(directory, layout.rank, num_shards, state)
         if "pieces" not in saved.get("extra", {}) or _pieces(saved) == _pieces(asdict(layout)):
-            return _load_shard(directory, layout.rank, num_shards), state
+            return _load_shard(directory, layout.rank, num_shards, state), state
     return _reshard(directory, num_shards, layout, state), state
 
 
@@ -164,20 +185,44 @@ def _param_map(params: list) -> dict[str, list[int]]:
     return {name: list(shape) for name, shape in params}
 
 
-def _load_shard(directory: str, shard: int, num_shards: int) -> dict[str, torch.Tensor]:
+def _load_shard(directory: str, shard: int, num_shards: int, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     path = os.path.join(directory, shard_file_name(shard, num_shards))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"EMA shard file {path!r} is missing (its JSON names {num_shards} shard files)")
-    return load_file(path, device="cpu")
+    _shard_layout(directory, shard, num_shards, state)  # its fingerprint is the JSON's
+    tensors = load_file(path, device="cpu")
+    for name, t in tensors.items():
+        _require_fp32(t, name, path)
+    return tensors
 
 
-def _shard_layout(directory: str, shard: int, num_shards: int) -> dict[str, Any]:
-    """The `Layout` (as a dict) stored in a shard file's safetensors header."""
+def _shard_layout(directory: str, shard: int, num_shards: int, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Layout` (as a dict) stored in a shard file's safetensors header (`_shard_header` checks the file)."""
+    return json.loads(_shard_header(directory, shard, num_shards, state)["layout"])
+
+
+def _shard_header(directory: str, shard: int, num_shards: int, state: Mapping[str, Any]) -> dict[str, str]:
+    """A shard file's safetensors header, after checking that the file belongs to the save whose JSON is
+    ``state`` (the same fingerprint)."""
     path = os.path.join(directory, shard_file_name(shard, num_shards))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EMA shard file {path!r} is missing (its JSON names {num_shards} shard files)")
     with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {})["layout"])
+        header = f.metadata() or {}
+    if header.get("fingerprint") != state.get("fingerprint"):
+        raise ValueError(
+            f"EMA shard file {path!r}: its fingerprint {str(header.get('fingerprint'))[:12]}... differs from that of "
+            f"{STATE_NAME} ({str(state.get('fingerprint'))[:12]}...): the folder mixes files of two saves. Resume "
+            "from another checkpoint."
+        )
+    return header
+
+
+def _require_fp32(tensor: torch.Tensor, name: str, path: str) -> None:
+    """SEMA writes fp32 averages only: another dtype is a file SEMA did not write, never silently cast."""
+    if tensor.dtype != torch.float32:
+        raise ValueError(
+            f"EMA shard file {path!r}: {name} is {tensor.dtype}, but SEMA's averages are torch.float32; the file was "
+            "not written by SEMA (or was converted). Resume from a checkpoint whose EMA files SEMA wrote."
+        )
 
 
 def _pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
@@ -192,9 +237,10 @@ def _pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
 
 def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Assemble this rank's averages (per ``layout``) from the ranges held by all saved shard files."""
+    headers = [_shard_header(directory, k, num_shards, state) for k in range(num_shards)]
     try:
         wanted = _pieces(asdict(layout))
-        saved_layouts = [_shard_layout(directory, k, num_shards) for k in range(num_shards)]
+        saved_layouts = [json.loads(h["layout"]) for h in headers]
         saved_pieces = [_pieces(saved) for saved in saved_layouts]
     except (KeyError, ValueError) as err:
         raise ValueError(
@@ -227,9 +273,12 @@ def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str
         overlapping = [(n, a, b) for n, a, b in pieces if any(s < b and a < e for s, e in targets.get(n, []))]
         if not overlapping:
             continue
-        with safe_open(os.path.join(directory, shard_file_name(k, num_shards)), framework="pt") as f:
+        path = os.path.join(directory, shard_file_name(k, num_shards))
+        with safe_open(path, framework="pt") as f:
             for name, a, b in overlapping:
-                saved = f.get_tensor(name).reshape(-1)
+                saved = f.get_tensor(name)
+                _require_fp32(saved, name, path)
+                saved = saved.reshape(-1)
                 for start, stop in targets[name]:
                     lo, hi = max(a, start), min(b, stop)
                     if lo < hi:

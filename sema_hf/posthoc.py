@@ -94,7 +94,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, layout_fingerprint
+from .checkpoint import atomic_write, layout_fingerprint, raise_if_any_rank_failed
 from .engines.base import Layout
 from .engines.shards import cover_problems
 
@@ -353,36 +353,46 @@ def write_snapshot(
     *,
     dtype: torch.dtype = torch.float32,
     writer: bool = True,
-    barrier: Any = lambda: None,
 ) -> None:
     """Write this rank's snapshot of every profile at ``step`` (every rank calls it; sharded engines write one
-    file per rank, unsharded ones one file by the ``writer``), then (``writer``) the index, after ``barrier``.
-    ``index`` is the index to write (the caller keeps its list of steps)."""
-    os.makedirs(directory, exist_ok=True)
+    file per rank, unsharded ones one file by the ``writer``), then (``writer``) the index. ``index`` is the index
+    to write (the caller keeps its list of steps).
+
+    Every rank waits for the snapshot files before the index is written, and for the index before returning; each
+    wait is `raise_if_any_rank_failed`, so a write that fails on one rank (a full disk) raises on every rank,
+    naming it, instead of leaving the others in a barrier. The index then does not list the step."""
     num_shards = layout.world_size if layout.sharded else 1
-    if layout.sharded or writer:
-        shard = layout.rank if layout.sharded else 0
-        tensors = {
-            profile_key(k, name): t.detach().to("cpu", dtype=dtype, copy=True).contiguous()
-            for k, averages in enumerate(profiles)
-            for name, t in averages.items()
-        }
-        header = {
-            "format": FORMAT,
-            "series_id": str(index["series_id"]),
-            "step": str(step),
-            "profiles": json.dumps(index["profiles"]),
-            "layout": json.dumps(asdict(layout)),
-            "fingerprint": layout_fingerprint(layout),
-        }
-        atomic_write(
-            os.path.join(directory, snapshot_file_name(step, shard, num_shards)),
-            lambda tmp: save_file(tensors, tmp, metadata=header),
-        )
-    barrier()
+    error: BaseException | None = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if layout.sharded or writer:
+            shard = layout.rank if layout.sharded else 0
+            tensors = {
+                profile_key(k, name): t.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+                for k, averages in enumerate(profiles)
+                for name, t in averages.items()
+            }
+            header = {
+                "format": FORMAT,
+                "series_id": str(index["series_id"]),
+                "step": str(step),
+                "profiles": json.dumps(index["profiles"]),
+                "layout": json.dumps(asdict(layout)),
+                "fingerprint": layout_fingerprint(layout),
+            }
+            atomic_write(
+                os.path.join(directory, snapshot_file_name(step, shard, num_shards)),
+                lambda tmp: save_file(tensors, tmp, metadata=header),
+            )
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+        error = err
+    raise_if_any_rank_failed(error, f"write its post-hoc snapshot of step {step} into {directory!r}")
     if writer:
-        write_index(directory, index)
-    barrier()
+        try:
+            write_index(directory, index)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+    raise_if_any_rank_failed(error, f"write {INDEX_NAME} into {directory!r}")
 
 
 def write_index(directory: str, index: Mapping[str, Any]) -> None:

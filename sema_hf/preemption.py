@@ -16,15 +16,20 @@ What is written last (transformers 5.24, ``Trainer._save_checkpoint``; the order
 3. then Hub upload and rotation (``save_total_limit``), which only delete older folders.
 
 SEMA's files (`sema_hf.checkpoint`): every rank's ``sema_ema-*.safetensors`` shard (atomic), a barrier, then
-``sema_state.json`` (atomic), so that JSON is SEMA's last file. The plain `SEMACallback` writes them in ``on_save``,
-after all of the above; `sema_hf.SEMATrainer` writes them before the Trainer's own files.
+``sema_state.json`` (atomic), so that JSON is SEMA's last file. They are written before the Trainer's own files:
+by `sema_hf.SEMATrainer` in ``_save_checkpoint``, by the plain `SEMACallback` at the end of its ``on_step_end`` /
+``on_epoch_end`` when ``control.should_save`` is set, or in ``on_evaluate`` on a new best metric under
+``save_strategy="best"``. So rotation (step 3, before any ``on_save``) never deletes the older checkpoint while the
+newest lacks its EMA: with ``save_total_limit=1`` a kill right after rotation leaves a complete newest checkpoint,
+as without SEMA. Only a save that a callback after SEMA's requests gets its EMA in ``on_save``, after all of the
+above.
 
 So a folder ``checkpoint-N`` is complete, as seen by one process, when:
 
 * ``trainer_state.json`` parses and records ``global_step`` N (the saving process finished its Trainer files);
 * if that state records a SEMA run (``stateful_callbacks["SEMACallback"]`` carries a checkpoint identity, which
   the Trainer writes only while `SEMACallback` trains), ``sema_state.json`` exists for step N (every rank
-  finished its EMA shard). With the plain callback this also means every rank finished the Trainer's save;
+  finished its EMA shard). For an EMA written in ``on_save`` this also means every rank finished the Trainer's save;
 * in a SEMA run resumed on the world size it was saved with, and unless the folder holds no RNG file at all
   (``save_only_model``), this process's own ``rng_state_<rank>.pth`` exists (with `SEMATrainer` rank 0 may finish
   ``trainer_state.json`` before another rank wrote its RNG file).
@@ -33,7 +38,9 @@ With ``SEMACallback(allow_fresh_ema_on_resume=True)`` a checkpoint whose only mi
 complete: the user accepts a fresh average, and an explicit ``resume_from_checkpoint=PATH`` to it must stay possible.
 
 Every process judges its own view (with ``save_on_each_node`` and no shared storage each node has its own copy) and
-the processes agree on the newest step complete in every view. One process per filesystem (the one that saves,
+the processes agree on the newest step complete in every view. Without ``save_on_each_node`` only global rank 0
+writes ``trainer_state.json``; a process that sees none at all (another node without shared storage) abstains, so
+that its empty view does not make every checkpoint look incomplete. One process per filesystem (the one that saves,
 ``args.should_save``) renames each ``checkpoint-M`` with M above that step to ``_incomplete-checkpoint-M`` and warns;
 the others wait at a barrier; so every rank resumes the same step. The prefix keeps the folder out of
 ``get_last_checkpoint``, out of rotation (which globs ``checkpoint-*`` and would delete ``checkpoint-M.incomplete``,
@@ -146,7 +153,14 @@ def set_aside_incomplete_checkpoints(args: TrainingArguments, require_ema: bool 
     """
     folders = checkpoint_folders(args.output_dir)
     reasons = {step: incomplete_reason(f, args.process_index, args.world_size, require_ema) for step, f in folders}
-    views = _all_gather({step for step, reason in reasons.items() if reason is None}, args)
+    # Without save_on_each_node only global rank 0 writes trainer_state.json: a rank on another node without shared
+    # storage sees none (at most its own RNG files), which says nothing about whether the checkpoints are complete.
+    # Such a view abstains; else it would empty the common set and rank 0 would set every checkpoint aside.
+    abstains = not args.save_on_each_node and not any(
+        os.path.isfile(os.path.join(f, TRAINER_STATE_NAME)) for _, f in folders
+    )
+    gathered = _all_gather((abstains, {step for step, reason in reasons.items() if reason is None}), args)
+    views = [view for abstained, view in gathered if not abstained] or [view for _, view in gathered]
     common = set.intersection(*views)
     newest = max(common) if common else None
     renamed: list[str] = []

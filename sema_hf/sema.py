@@ -131,7 +131,11 @@ class SEMA:
     """Switch EMA of ``model`` in a training loop; see the module docstring for the maths and the loop.
 
     Args:
-        model: the model as ``accelerator.prepare`` returned it (DDP / FSDP / DeepSpeed wrapped), or a plain module.
+        model: the model as ``accelerator.prepare`` returned it (DDP / FSDP / DeepSpeed wrapped), or a plain module,
+            already on its device and in its dtype: the average follows the tensors the model holds now, so a later
+            ``.to(device)`` / ``.half()`` (anything through ``Module._apply``) is refused at the next `step`,
+            `epoch_end`, `swapped_in` or `finalize` (checked under one process, DDP and ``shard_under_ddp``; not
+            under FSDP and ZeRO, whose prepared models are not moved or cast by hand).
         optimizer: the optimizer as prepared (accelerate's wrapper is fine). Needed under DeepSpeed ZeRO; for the
             other engines it is only used to find the engine.
         accelerator: the run's ``accelerate.Accelerator``. With it, `step` counts only real optimizer steps
@@ -270,13 +274,7 @@ class SEMA:
             before_read=getattr(engine, "before_read", None),  # DDP + include_buffers: rank 0's buffers
         )
         self.run_id = uuid.uuid4().hex
-        self.global_step = 0  # optimizer steps seen (skipped ones included, as the Trainer counts them)
-        self.epochs_completed = 0
-        self.num_updates = 0
-        self.num_switches = 0
-        self.last_decay: float | None = None
-        self.last_switch_decision: bool | None = None
-        self.steps_since_decision = 0
+        self._reset_counters()
         self.final_weights_held: str | None = None
         self.posthoc_chosen: str | None = None  # the label finalize(posthoc=...) put in
         self.last_posthoc_sweep: selection.PosthocSweep | None = None
@@ -395,6 +393,7 @@ class SEMA:
         """
         if self._swapped:
             raise RuntimeError("SEMA.swapped_in() is already active: the average is in the model; do not nest it.")
+        self._refuse_moved_tensors("swapped_in()")
         self._fresh_if_pending()
         self._check_every_rank_enters("swapped_in()")
         self._swapped = True
@@ -599,6 +598,7 @@ class SEMA:
         step but does not update the average, as in the Trainer. The scores are used only at a step-counted switch
         point (``switch_every_steps``) under ``switch_policy="if_better"``; see `epoch_end`."""
         self._refuse_while_swapped("step()")
+        self._refuse_moved_tensors("step()")
         accelerator = self.accelerator
         if accelerator is not None and not accelerator.sync_gradients:
             return False
@@ -627,6 +627,7 @@ class SEMA:
         taken by every rank (one broadcast), so give every rank the same scores (``accelerator.gather_for_metrics``).
         """
         self._refuse_while_swapped("epoch_end()")
+        self._refuse_moved_tensors("epoch_end()")
         self.epochs_completed += 1
         cfg = self.config
         if not (
@@ -658,6 +659,7 @@ class SEMA:
         ``"sigma_rel=0.07"`` writes its post-hoc average and returns ``"posthoc"``). ``posthoc_chosen`` records
         the label."""
         self._refuse_while_swapped("finalize()")
+        self._refuse_moved_tensors("finalize()")
         self._fresh_if_pending()
         self.posthoc_snapshot()  # the last step's snapshot (the profiles follow training, not the final weights)
         if posthoc is not None:
@@ -880,7 +882,6 @@ class SEMA:
             self._posthoc_index([*self.posthoc_steps, step]),
             dtype=getattr(torch, self.config.posthoc_dtype),
             writer=self._posthoc_writer(layout),
-            barrier=_barrier,
         )
         self.posthoc_steps.append(step)
 
@@ -942,11 +943,19 @@ class SEMA:
         self.posthoc_steps = [int(s) for s in saved["steps"] if int(s) <= self.profiles.t]
         layout = self.engine.layout()
         writer = self._posthoc_writer(layout)
-        removed = posthoc.remove_snapshots_after(self.posthoc_dir, self.profiles.t, layout, writer=writer)
-        _barrier()
+        removed: list[int] = []
+        error: BaseException | None = None
+        try:  # a failure on one rank is raised on every rank (no rank waits for it), as for checkpoint writes
+            removed = posthoc.remove_snapshots_after(self.posthoc_dir, self.profiles.t, layout, writer=writer)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            error = err
+        raise_if_any_rank_failed(error, f"remove the post-hoc snapshots written after {folder!r}")
         if writer and os.path.isdir(self.posthoc_dir):
-            posthoc.write_index(self.posthoc_dir, self._posthoc_index(self.posthoc_steps))
-        _barrier()
+            try:
+                posthoc.write_index(self.posthoc_dir, self._posthoc_index(self.posthoc_steps))
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
+                error = err
+        raise_if_any_rank_failed(error, f"rewrite {posthoc.INDEX_NAME} in {self.posthoc_dir!r}")
         self._posthoc_folder_checked = True
         if removed:
             logger.info(f"SEMA: removed the post-hoc snapshots of steps {removed}, written after {folder!r}.")
@@ -978,7 +987,7 @@ class SEMA:
         if self.profiles is not None:
             tensors, meta["posthoc"] = self._posthoc_checkpoint()
             averages, layout = {**averages, **tensors}, _with_profiles(layout, len(self.posthoc_gammas))
-        _save_ema_checkpoint(state_folder(folder, self.name), averages, layout, meta, barrier=_barrier, writer=writer)
+        _save_ema_checkpoint(state_folder(folder, self.name), averages, layout, meta, writer=writer)
 
     def load(self, folder: str, *, allow_fresh: bool | None = None) -> dict[str, Any]:
         """Restore the average and the counters saved in ``folder`` (by `save`, ``accelerator.save_state`` or the
@@ -987,13 +996,26 @@ class SEMA:
         An error on any rank (no EMA state, a damaged shard, another model) is raised on every rank.
 
         A folder without EMA state is an error, unless ``allow_fresh`` (default: ``allow_fresh_ema_on_resume``):
-        then the average restarts from the weights at the next `step` (counters from zero)."""
+        then SEMA starts over as if it were made at this point: every counter restarts from zero (``global_step``,
+        ``epochs_completed``, ``num_updates``, ``num_switches``), so the decay warmup runs again from its first
+        step (``m_1``, not ``m_t`` of the step reached before) and the next step-counted switch comes
+        ``switch_every_steps`` steps after the load, and the average restarts as a copy of the weights at the next
+        `step` (or `swapped_in`, `ema_state_dict`, `save`, whichever comes first: under
+        ``accelerator.load_state`` this runs before the weights are loaded). The loop's own step count lives in
+        SEMA only, so nothing else could tell it where the loaded run stood.
+
+        Refused inside `swapped_in` (the model holds the average there)."""
+        self._refuse_while_swapped("load()")
         allow_fresh = self.config.allow_fresh_ema_on_resume if allow_fresh is None else allow_fresh
         own = state_folder(folder, self.name)
         missing = not has_ema_checkpoint(own)
         if _any_rank(missing):
             if allow_fresh:
-                logger.warning(f"SEMA: no EMA state in {own!r}; the average restarts from the restored weights.")
+                logger.warning(
+                    f"SEMA: no EMA state in {own!r}; the average restarts from the weights at the next step, "
+                    "with the counters (decay warmup, step-counted switches, epochs) from zero."
+                )
+                self._reset_counters()
                 self._fresh_pending = True
                 self._profiles_fresh_pending = self.profiles is not None and self.profiles.t == 0
                 return {}
@@ -1081,6 +1103,12 @@ class SEMA:
         self.save(output_dir)
 
     def _load_state_hook(self, models: list, input_dir: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                "accelerator.load_state() was called inside sema.swapped_in(): the model holds the average there, "
+                "and leaving the block would copy the pre-swap raw weights over the loaded ones, while SEMA's "
+                "average and counters would be the loaded checkpoint's. Load outside the block."
+            )
         self.load(input_dir)
 
     def _writer(self) -> bool | None:
@@ -1095,6 +1123,15 @@ class SEMA:
         return bool(accelerator.is_main_process)
 
     # ---- internals --------------------------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self.global_step = 0  # optimizer steps seen (skipped ones included, as the Trainer counts them)
+        self.epochs_completed = 0
+        self.num_updates = 0
+        self.num_switches = 0
+        self.last_decay: float | None = None
+        self.last_switch_decision: bool | None = None
+        self.steps_since_decision = 0
+
     def _counters(self) -> dict[str, Any]:
         return {
             "global_step": self.global_step,
@@ -1111,6 +1148,21 @@ class SEMA:
             raise RuntimeError(
                 f"SEMA.{what} was called inside sema.swapped_in(): the model holds the average there, and training "
                 "must continue from the raw weights. Leave the block first."
+            )
+
+    def _refuse_moved_tensors(self, what: str) -> None:
+        """Refuse to go on when the model was moved or cast after SEMA was made (see `sema_hf.engines.local`:
+        a metadata check, no kernel, no host sync). Refused rather than followed: the average of the old tensors
+        would be re-bound to new ones of another dtype or device, and a switch already written into the old ones
+        would be lost; making SEMA after the move is the one order that is right on every engine."""
+        check = getattr(self.engine, "moved_tensors", None)
+        moved = check() if check is not None else []
+        if moved:
+            shown = "; ".join(moved[:5]) + (f"; and {len(moved) - 5} more" if len(moved) > 5 else "")
+            raise RuntimeError(
+                f"SEMA.{what}: {len(moved)} averaged tensor(s) of the model were moved or cast after SEMA was made "
+                f"({shown}). SEMA would keep averaging, and switch into, tensors the model no longer uses. Make "
+                "SEMA(...) after the model is moved or cast (after accelerator.prepare, .to(device), .half()...)."
             )
 
     def _fresh_if_pending(self) -> None:
@@ -1193,11 +1245,6 @@ def loop_warmup_steps(config: SEMAConfig, steps_per_epoch: int | None) -> int:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _flag_tensor(value: int) -> torch.Tensor:

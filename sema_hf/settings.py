@@ -63,14 +63,6 @@ def check_run_settings(
     if config.posthoc_select is not None:
         _check_posthoc_select(config, trainer)
     _check_metric_for_best_model(config, args)
-    hub_strategy = _option(args.hub_strategy)
-    if args.push_to_hub and hub_strategy in ("checkpoint", "all_checkpoints"):
-        if not getattr(trainer, "sema_saves_ema_first", False):
-            logger.warning(
-                f"SEMA: hub_strategy={hub_strategy!r} uploads each checkpoint before callbacks hear of it, so "
-                "the uploaded checkpoints will not hold the EMA files; use sema_hf.SEMATrainer, which writes them "
-                "before the Trainer's save and upload."
-            )
     if args.save_only_model:
         logger.info(
             "SEMA: save_only_model=True: checkpoints still get the EMA files (load_best_model_at_end restores the "

@@ -4,9 +4,12 @@
   follows the save inside `Trainer._save_checkpoint` (the upload of ``hub_strategy="checkpoint"`` /
   ``"all_checkpoints"``, the rotation of ``save_total_limit``) ever sees a checkpoint without its average. It also
   covers the checkpoints that fire no ``on_save`` (transformers' just-in-time checkpoint on SIGTERM calls
-  ``_save_checkpoint`` directly). With a plain `transformers.Trainer` the callback can only write them in
-  ``on_save``, after that upload started; a crash between the two saves leaves a newest checkpoint without EMA, and
-  resuming from it is refused with an error that says so (`sema_hf.resume`).
+  ``_save_checkpoint`` directly). With a plain `transformers.Trainer` the callback writes them at the end of its
+  ``on_step_end`` / ``on_epoch_end`` when ``DefaultFlowCallback`` asked for a save (``save_strategy`` "steps" or
+  "epoch") and in ``on_evaluate`` on a new best (``"best"``), so also before the Trainer's files; only a save that
+  a callback after it requests gets its EMA in ``on_save``, after the upload and the rotation: a crash between the
+  two saves then leaves a newest checkpoint without EMA, which `sema_hf.preemption` sets aside and
+  `sema_hf.resume` refuses with an error that says so.
 * `HandOverBindingMixin`: the training loop hands its Trainer, resume folder, trial and ``ignore_keys_for_eval`` to
   the callback explicitly (`sema_hf.binding`), instead of the callback finding them on the call stack.
 * `RawWeightsOnErrorMixin`: an exception inside ``evaluate()`` (a failing ``compute_metrics``, a KeyboardInterrupt

@@ -12,6 +12,8 @@ process at a chosen point of a chosen step's save:
     rng          after the RNG state (trainer_state.json not written)
     state-torn   trainer_state.json half written
     rotation     rotation killed half way through deleting the oldest checkpoint
+    rotated-1    with save_total_limit=1: right after rotation deleted the older checkpoint, before any callback's
+                 on_save (the plain SEMACallback must not write its EMA only there)
     after-save   right after the whole save (SEMA's included)
     ema-tmp      SEMA's shard written to its temporary name, not renamed
     ema-shard    SEMA's shard in place, its sema_state.json not written
@@ -25,7 +27,7 @@ child. Modes: ``trainer`` (plain Trainer, no SEMA: the baseline), ``callback`` (
 ``sema_trainer`` (SEMATrainer + SEMACallback).
 
     python tests/preemption_harness.py OUT_DIR [--modes trainer,callback,sema_trainer] [--random 3] [--seed 0]
-        [--rounds 1]
+        [--rounds 1] [--points rotated-1,...]
 
 prints one JSON line per trial and a summary line per mode (``resumed N of M``).
 """
@@ -66,13 +68,14 @@ from sema_hf.preemption import SET_ASIDE_PREFIX  # noqa: E402
 from tiny import tiny_args, tiny_dataset, tiny_model  # noqa: E402
 
 MODES = ("trainer", "callback", "sema_trainer")
-TRAINER_POINTS = ("step", "evaluate", "model", "optimizer", "rng", "state-torn", "rotation", "after-save")
+TRAINER_POINTS = ("step", "evaluate", "model", "optimizer", "rng", "state-torn", "rotation", "rotated-1", "after-save")
 SEMA_POINTS = ("ema-tmp", "ema-shard", "ema-json")
 STEPS = 6  # 24 samples, batch 8, 2 epochs; a checkpoint after every step, the last 3 kept
 SAMPLES = 24
 EPOCH_ENDS = (3, 6)
 LIMIT = 3
 SETTINGS = dict(save_strategy="steps", save_steps=1, save_total_limit=LIMIT, eval_strategy="epoch", logging_steps=1)
+POINT_SETTINGS = {"rotated-1": {"save_total_limit": 1}}  # the killed run and its resume
 
 # ---- the kill switch (set in a child before it trains) ------------------------------------------------------------
 _armed: tuple[str, int] | None = None
@@ -150,7 +153,8 @@ def _install_shims() -> None:
                 for name in sorted(os.listdir(oldest))[::2]:  # half of its files, as rmtree would on its way
                     os.remove(os.path.join(oldest, name))
                 _die()
-        return real_rotate(output_dir, save_total_limit, *args, **kwargs)
+        real_rotate(output_dir, save_total_limit, *args, **kwargs)
+        _kill_if("rotated-1", _current_step())
 
     transformers.trainer.rotate_checkpoints = rotate
 
@@ -183,7 +187,7 @@ def _install_shims() -> None:
 
 
 # ---- one run ------------------------------------------------------------------------------------------------------
-def make_trainer(mode: str, output_dir: str, extra_callbacks: list, killing: bool):
+def make_trainer(mode: str, output_dir: str, extra_callbacks: list, killing: bool, **settings):
     # post-hoc EMA on, a snapshot every step: the resumed series must end equal too
     sema = SEMACallback(decay=0.6, warmup_steps=3, posthoc_every_steps=1) if mode != "trainer" else None
     callbacks = ([sema] if sema is not None else []) + extra_callbacks
@@ -195,7 +199,7 @@ def make_trainer(mode: str, output_dir: str, extra_callbacks: list, killing: boo
     data = tiny_dataset(n=SAMPLES)
     trainer = cls(
         model=tiny_model(),
-        args=tiny_args(output_dir, **SETTINGS),
+        args=tiny_args(output_dir, **{**SETTINGS, **settings}),
         train_dataset=data,
         eval_dataset=data,
         callbacks=callbacks,
@@ -274,7 +278,8 @@ def trial(mode: str, base: str, k: int, point: str, step: int, delay: float | No
         global _armed
         _install_shims()
         _armed = (point, step) if point != "random" else None
-        trainer, _ = make_trainer(mode, out, [Progress(os.path.join(folder, "progress"), delay)], killing=True)
+        progress = Progress(os.path.join(folder, "progress"), delay)
+        trainer, _ = make_trainer(mode, out, [progress], killing=True, **POINT_SETTINGS.get(point, {}))
         trainer.train()
 
     code = in_child(killed_run)
@@ -283,7 +288,7 @@ def trial(mode: str, base: str, k: int, point: str, step: int, delay: float | No
 
     def resumed_run() -> None:
         start = StartStep()
-        trainer, sema = make_trainer(mode, out, [start], killing=False)
+        trainer, sema = make_trainer(mode, out, [start], killing=False, **POINT_SETTINGS.get(point, {}))
         trainer.train(resume_from_checkpoint=True)
         finish(trainer, sema, folder, "final")
         with open(os.path.join(folder, "start"), "w") as f:
@@ -350,10 +355,14 @@ def _listdir(folder: str) -> list[str]:
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
-def plan(mode: str, rng: random.Random, n_random: int, seconds: float, rounds: int) -> list[tuple[str, int, float]]:
-    """Every kill point of this mode once per round, at a random step (after the first checkpoint; where rotation
-    deletes; at an epoch end for the evaluation), then ``n_random`` kills at random moments."""
+def plan(
+    mode: str, rng: random.Random, n_random: int, seconds: float, rounds: int, only: list[str] | None = None
+) -> list[tuple[str, int, float]]:
+    """Every kill point of this mode once per round (those in ``only``, if given), at a random step (after the first
+    checkpoint; where rotation deletes; at an epoch end for the evaluation), then ``n_random`` kills at random
+    moments."""
     points = TRAINER_POINTS + (SEMA_POINTS if mode != "trainer" else ())
+    points = tuple(p for p in points if only is None or p in only)
     out = []
     for _ in range(rounds):
         for point in points:
@@ -375,7 +384,9 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--points", help="comma-separated kill points (default: all of the mode's)")
     opts = parser.parse_args()
+    only = opts.points.split(",") if opts.points else None
     torch.set_num_threads(1)
     gc.freeze()  # the children's gc.collect (accelerate runs one at train end) skips the imported modules' objects
     for mode in opts.modes.split(","):
@@ -383,7 +394,7 @@ def main() -> None:
         shutil.rmtree(os.path.join(opts.out, mode), ignore_errors=True)
         seconds = reference(mode, opts.out)
         results = []
-        for k, (point, step, delay) in enumerate(plan(mode, rng, opts.random, seconds, opts.rounds)):
+        for k, (point, step, delay) in enumerate(plan(mode, rng, opts.random, seconds, opts.rounds, only)):
             result = trial(mode, opts.out, k, point, step, delay)
             results.append(result)
             print(json.dumps(result), flush=True)

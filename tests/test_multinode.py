@@ -25,9 +25,10 @@ def _results(base, phase):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch of 2 nodes: an uninterrupted 8-step run saving checkpoint-4 and checkpoint-8 into each node's own
-    folder, then a resume from checkpoint-4, then a resume where node 1 lost its EMA files (see the worker)."""
+    folder, then a resume from checkpoint-4, then a resume where node 1 lost its EMA files, then a run without
+    save_on_each_node (see the worker)."""
     base = tmp_path_factory.mktemp("multinode")
-    run_nodes(WORKER, str(base), "train", "resume", "missing")
+    run_nodes(WORKER, str(base), "train", "resume", "missing", "unshared")
     return base
 
 
@@ -69,3 +70,13 @@ def test_ema_missing_on_one_node_is_the_same_error_on_every_node_or_a_fresh_star
     for name, value in emas[0].items():
         assert torch.equal(emas[1][name], value)
     assert any(not torch.equal(emas[0][n], v) for n, v in uninterrupted[0].items())
+
+
+@pytest.mark.multiprocess
+def test_without_save_on_each_node_a_node_that_sees_no_checkpoint_sets_nothing_aside_on_the_saving_node(runs):
+    """Only global rank 0 saves, and node 1 has no shared storage: node 1's folders hold its RNG files only (no
+    trainer_state.json anywhere), which is no sign that the checkpoints are incomplete, so making the next Trainer
+    renames none of node 0's complete checkpoints."""
+    results = [json.loads((runs / f"unshared-rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["before"] == ["checkpoint-4", "checkpoint-8"]
+    assert [r["after"] for r in results] == [r["before"] for r in results]

@@ -60,7 +60,7 @@ def test_a_missing_or_cut_short_trainer_state_makes_a_checkpoint_incomplete(tmp_
 
 
 def test_a_sema_checkpoint_without_its_ema_is_incomplete_and_a_checkpoint_saved_without_sema_is_not(tmp_path):
-    killed_before_ema = _checkpoint(tmp_path, 4, ema=False)  # the plain callback writes the EMA in on_save, last
+    killed_before_ema = _checkpoint(tmp_path, 4, ema=False)  # a save the callback wrote in on_save, last
     assert "no sema_state.json" in incomplete_reason(str(killed_before_ema))
     assert incomplete_reason(str(killed_before_ema), require_ema=False) is None
     assert incomplete_reason(str(_checkpoint(tmp_path, 5, sema_ran=False, ema=False))) is None
@@ -170,7 +170,7 @@ def test_runs_killed_at_any_moment_resume_the_newest_complete_checkpoint_and_end
     summary = {r["summary"]: r for r in lines if "summary" in r}
     for mode in ("callback", "sema_trainer"):
         mine = [r for r in trials if r["mode"] == mode]
-        assert len(mine) == 12 and all(r["killed"] for r in mine if r["point"] != "random")  # a timer may come late
+        assert len(mine) == 13 and all(r["killed"] for r in mine if r["point"] != "random")  # a timer may come late
         assert [r for r in mine if r["outcome"] != "resumed"] == []
         assert any(r["set_aside"] for r in mine)  # some kills did leave a half-written newest checkpoint
     sema = [summary[m] for m in ("callback", "sema_trainer")]
@@ -179,6 +179,26 @@ def test_runs_killed_at_any_moment_resume_the_newest_complete_checkpoint_and_end
         f"\nresumed {sum(s['resumed'] for s in sema)} of {sum(s['killed'] for s in sema)} with SEMA vs "
         f"{plain['resumed']} of {plain['killed']} without SEMA"
     )
+
+
+def test_plain_callback_killed_after_rotation_with_save_total_limit_1_resumes_like_the_plain_trainer(tmp_path):
+    """transformers rotates checkpoints before any on_save: with save_total_limit=1 the older checkpoint is gone
+    when the plain SEMACallback's on_save comes. A kill right there must leave a resumable checkpoint, as it does
+    without SEMA: the callback writes the EMA before the Trainer's save (`SEMACallback.on_step_end`)."""
+    harness = os.path.join(REPO_ROOT, "tests", "preemption_harness.py")
+    cmd = [sys.executable, harness, str(tmp_path), "--modes", "trainer,callback", "--points", "rotated-1"]
+    proc = subprocess.run(
+        [*cmd, "--random", "0", "--rounds", "2"],
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    trials = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"mode"')]
+    assert sorted(r["mode"] for r in trials) == ["callback", "callback", "trainer", "trainer"]
+    assert all(r["killed"] for r in trials)
+    assert [(r["mode"], r["outcome"], r.get("error")) for r in trials if r["outcome"] != "resumed"] == []
 
 
 # ---- two ranks --------------------------------------------------------------------------------------------------

@@ -229,8 +229,10 @@ def fake_hub(monkeypatch, tmp_path):
     return sent
 
 
+@pytest.mark.parametrize("trainer_class", [Trainer, SEMATrainer])
 @pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
-def test_sema_trainer_uploads_checkpoints_with_their_ema_files(tmp_path, fake_hub, strategy):
+def test_uploaded_checkpoints_hold_their_ema_files(tmp_path, fake_hub, strategy, trainer_class):
+    """The upload starts inside the Trainer's save, before any on_save: both write the EMA before that save."""
     sema = SEMACallback(decay=0.8)
     data = tiny_dataset()
     args = tiny_args(
@@ -243,7 +245,7 @@ def test_sema_trainer_uploads_checkpoints_with_their_ema_files(tmp_path, fake_hu
         hub_strategy=strategy,
         hub_always_push=True,
     )
-    SEMATrainer(model=tiny_model(), args=args, train_dataset=data, callbacks=[sema]).train()
+    trainer_class(model=tiny_model(), args=args, train_dataset=data, callbacks=[sema]).train()
     checkpoint_uploads = [files for path, files in fake_hub if path is not None]
     assert len(checkpoint_uploads) == 2
     for files in checkpoint_uploads:
@@ -263,18 +265,61 @@ class CrashOnSave(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
-def test_crash_between_the_trainers_save_and_semas_resumes_the_checkpoint_before_it(tmp_path):
+def test_plain_callback_has_the_ema_in_place_when_a_crash_follows_the_trainers_save(tmp_path):
+    """The plain callback writes the EMA before the Trainer's save when DefaultFlowCallback asked for one, so a
+    crash before its on_save leaves checkpoint-4 complete (with save_total_limit=1 the one before is gone)."""
     with pytest.raises(KeyboardInterrupt):
         tiny_trainer(
             str(tmp_path), [CrashOnSave(4), SEMACallback(decay=0.8)], save_strategy="steps", save_steps=2
         ).train()
-    assert not has_ema_checkpoint(str(tmp_path / "checkpoint-4"))
+    assert has_ema_checkpoint(str(tmp_path / "checkpoint-4"))
     resumed = SEMACallback(decay=0.8)
-    with pytest.warns(UserWarning, match="checkpoint-4.*no sema_state.json"):
-        trainer = tiny_trainer(str(tmp_path), [resumed])  # on_init_end sets checkpoint-4 aside (sema_hf.preemption)
+    trainer = tiny_trainer(str(tmp_path), [resumed])
     trainer.train(resume_from_checkpoint=True)
-    assert resumed.num_updates == 8  # restored at step 2 with 2 updates, then 6 more
-    assert (tmp_path / "_incomplete-checkpoint-4" / "trainer_state.json").is_file()  # set aside, not deleted
+    assert resumed.num_updates == 8  # restored at step 4 with 4 updates, then 4 more
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("_incomplete-")]
+
+
+class CrashOnSecondSave(TrainerCallback):
+    """Placed before SEMACallback: dies in the second on_save, after the Trainer's save and its rotation."""
+
+    def __init__(self):
+        self.saves = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves.append(state.global_step)
+        if len(self.saves) == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("with_sema", [False, True])
+def test_save_strategy_best_with_save_total_limit_1_resumes_after_a_crash_before_on_save(tmp_path, with_sema):
+    """save_strategy="best" is decided after the evaluation, and rotation (save_total_limit=1) deletes the older
+    checkpoint before any on_save: the plain callback writes the EMA in on_evaluate when the metric is a new best,
+    so a crash there resumes from the newest checkpoint, as the run without SEMA does."""
+    settings = dict(
+        save_strategy="best", eval_strategy="steps", eval_steps=1, metric_for_best_model="loss",
+        save_total_limit=1,
+    )  # fmt: skip
+    crash = CrashOnSecondSave()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_trainer(str(tmp_path), [crash] + ([SEMACallback(decay=0.8)] if with_sema else []), **settings).train()
+    second = crash.saves[1]
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint-{second}"]  # the first best was rotated away
+    resumed, start = SEMACallback(decay=0.8), StartStep()
+    callbacks = [start] + ([resumed] if with_sema else [])
+    tiny_trainer(str(tmp_path), callbacks, **settings).train(resume_from_checkpoint=True)
+    assert start.step == second
+    if with_sema:
+        assert resumed.num_updates == 8  # restored with the EMA of that step, then to the end
+
+
+class StartStep(TrainerCallback):
+    def __init__(self):
+        self.step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
 
 
 def test_sema_trainer_has_the_ema_in_place_when_a_crash_follows_the_trainers_save(tmp_path):

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .local import averaged_named_tensors, unwrap_model
+from .local import averaged_named_tensors, moved_tensors, placements, unwrap_model
 from .shards import FlatEntry, Piece, ShardedAdapter, block_range, partition_ranges
 
 SWAP_CHUNK = 1 << 20  # elements exchanged at a time between the parameters and the gathered buffer
@@ -106,6 +106,7 @@ class DDPShardedAdapter(ShardedAdapter):
                 f"SEMA: shard_under_ddp needs every trainable parameter on one device; found {sorted(map(str, devices))}"
             )
         self._params = [p for _, p in named]
+        self._placements = placements(self.model, named)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         shapes = [(name, tuple(int(d) for d in p.shape)) for name, p in named]
         by_name, shape_of = dict(named), dict(shapes)
@@ -120,6 +121,10 @@ class DDPShardedAdapter(ShardedAdapter):
         self._own = [(piece.source, at - lo) for piece, (_, _, _, at) in zip(pieces, share, strict=True)]
         self._pending: list[torch.Tensor] | None = None  # this rank's raw range, between backup and gather
         self._backup: list[torch.Tensor] | None = None  # the raw parameters (views of the gathered buffer)
+
+    def moved_tensors(self) -> list[str]:
+        """The parameters the model no longer holds where this rank's pieces point (`local.moved_tensors`)."""
+        return moved_tensors(self._placements)
 
     def _flat_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` (the N elements in the flat order), one per parameter, shaped like it."""

@@ -53,6 +53,7 @@ class LocalAdapter:
         self._named = averaged_named_tensors(self.model, include_buffers)
         if not self._named:
             raise ValueError("SEMA found no trainable parameter (requires_grad=True) to average in this model.")
+        self._placements = placements(self.model, self._named)
         # Under several processes: rank 0's buffers, copied into one scratch buffer per (device, dtype) and
         # broadcast before every read (see the module docstring). name -> (buffer, its view of the scratch).
         self._shared_buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -95,6 +96,10 @@ class LocalAdapter:
     def after_write(self) -> None:
         """Nothing to refresh: the forward reads the parameters the store wrote."""
 
+    def moved_tensors(self) -> list[str]:
+        """The averaged tensors the model no longer holds where the slots point (`moved_tensors`)."""
+        return moved_tensors(self._placements)
+
     def layout(self) -> Layout:
         world_size, rank = _world()
         shapes = [(name, list(t.shape)) for name, t in self._named]
@@ -102,6 +107,44 @@ class LocalAdapter:
 
     def full_state_dict(self, averages: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: averages[name].detach().clone() for name, _ in self._named}
+
+
+Placement = tuple[dict, str, torch.Tensor, int, tuple[str, torch.dtype, torch.device]]
+
+
+def placements(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> list[Placement]:
+    """``(owner dict, key, tensor, data pointer, (name, dtype, device))`` for every place the model holds an
+    averaged tensor (a tied weight in each module that holds it), as `moved_tensors` checks them."""
+    names = {id(t): name for name, t in named}
+    out = []
+    for module in model.modules():
+        for owner in (module._parameters, module._buffers):
+            for key, t in owner.items():
+                if t is not None and id(t) in names:
+                    out.append((owner, key, t, t.data_ptr(), (names[id(t)], t.dtype, t.device)))
+    return out
+
+
+def moved_tensors(recorded: list[Placement]) -> list[str]:
+    """The averaged tensors the model no longer holds as recorded by `placements`: ``Module._apply``
+    (``.to(device)``, ``.half()``, ``.double()``...) gives a parameter new storage (``param.data = ...``, or a new
+    Parameter, or ``swap_tensors``) and a buffer a new tensor, while the store keeps aliases of the old ones. Empty
+    when all are in place.
+
+    Only Python-side metadata is read (dict lookups and ``data_ptr()``: no kernel, no host sync); the cost per step
+    is printed by ``bench/step_checks.py``. It stops at the first mismatch, then lists all."""
+    for owner, key, tensor, ptr, _ in recorded:
+        if owner.get(key) is not tensor or tensor.data_ptr() != ptr:
+            break
+    else:
+        return []
+    moved = []
+    for owner, key, tensor, ptr, (name, dtype, device) in recorded:
+        now = owner.get(key)
+        if now is not tensor or tensor.data_ptr() != ptr:
+            where = "removed" if now is None else f"now {now.dtype} on {now.device}"
+            moved.append(f"{name}: {dtype} on {device} when SEMA was made, {where}")
+    return list(dict.fromkeys(moved))
 
 
 def _world() -> tuple[int, int]:

@@ -199,7 +199,7 @@ def resharding(out_dir: str, single_checkpoint: str, out: dict) -> None:
     for average in fsdp_store.state_dict().values():
         average.add_(1.0)
     folder = os.path.join(out_dir, "fsdp2_ckpt")
-    save_ema_checkpoint(folder, fsdp_store.state_dict(), fsdp.layout(), {"global_step": 1}, barrier=dist.barrier)
+    save_ema_checkpoint(folder, fsdp_store.state_dict(), fsdp.layout(), {"global_step": 1})
     plain = tiny_gpt2(seed=3)
     ddp = detect_engine(plain, shard_under_ddp=True)
     loaded, _ = load_ema_checkpoint(folder, ddp.layout())
@@ -211,7 +211,7 @@ def resharding(out_dir: str, single_checkpoint: str, out: dict) -> None:
     for average in ddp_store.state_dict().values():
         average.add_(2.0)
     folder = os.path.join(out_dir, "ddp_sharded_ckpt")
-    save_ema_checkpoint(folder, ddp_store.state_dict(), ddp.layout(), {"global_step": 2}, barrier=dist.barrier)
+    save_ema_checkpoint(folder, ddp_store.state_dict(), ddp.layout(), {"global_step": 2})
     loaded, _ = load_ema_checkpoint(folder, fsdp.layout())
     plus_two = {n: p.detach() + 2.0 for n, p in plain.named_parameters()}
     to_fsdp2 = all(  # FSDP2's averages have the shape of its local row blocks

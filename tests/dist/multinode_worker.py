@@ -6,6 +6,9 @@ Phases (argv[2:], run in order in one launch, so that the 2-node start-up is pai
     resume    in a copy of each node's folder: resume from checkpoint-4 and finish the run
     missing   in another copy, where node 1 lost its EMA files of checkpoint-4 (node 0's are complete): resume from
               checkpoint-4 and record the error, then resume again with allow_fresh_ema_on_resume=True and finish
+    unshared  without ``save_on_each_node`` (only global rank 0 saves, node 1's folder stays empty): train 8 steps,
+              then make a new Trainer with SEMACallback in the same folders (no resume) and record each node's
+              folder listing after its ``on_init_end``
 
 Each rank writes ``<base>/<phase>-rank<R>.json`` (counters, the error it saw) and ``.safetensors`` (its full EMA).
 """
@@ -80,6 +83,15 @@ def main(base: str, phases: list[str]) -> None:
                 error = {"type": type(err).__name__, "message": str(err)}
             callback, result = train(folder, node, resume=checkpoint, allow_fresh_ema_on_resume=True)
             record(base, phase, {**result, "error": error}, callback)
+        elif phase == "unshared":
+            folder = os.path.join(base, phase, f"node{node}")
+            os.makedirs(folder)
+            settings = {**SETTINGS, "save_on_each_node": False}
+            tiny_trainer(folder, [SEMACallback(decay=0.8, warmup_steps=3)], **settings).train()
+            before = sorted(os.listdir(folder))
+            tiny_trainer(folder, [SEMACallback(decay=0.8, warmup_steps=3)], **settings)  # its on_init_end
+            files = {name: sorted(os.listdir(os.path.join(folder, name))) for name in before}
+            record(base, phase, {"before": before, "after": sorted(os.listdir(folder)), "files": files})
         else:
             raise SystemExit(f"unknown phase {phase!r}")
 
