@@ -45,7 +45,6 @@ from transformers.utils import logging
 
 from . import evaluation, posthoc, schedule, selection
 from .binding import TrainerBinding, bind
-from .checkpoint import has_ema_checkpoint
 from .config import SEMAConfig
 from .engines import EngineAdapter
 from .horizon import ResolvedHorizon, horizon_warnings, optimizer_steps_per_epoch, resolve_horizon
@@ -226,7 +225,7 @@ class SEMACallback(TrainerCallback, ExportableState):
     def local_numel(self) -> int:
         """Elements of fp32 average held by this process: all trainable elements in one process or DDP, this
         rank's shard (about total / world size) under FSDP and DeepSpeed ZeRO."""
-        return self._require_store().local_numel
+        return self._require_core().local_numel
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The full EMA weights keyed like ``model.state_dict()`` (each averaged tensor once, under its first name
@@ -298,7 +297,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             logger.warning(f"SEMA: {message}")
             warnings.warn(f"SEMA: {message}", UserWarning, stacklevel=2)
         logger.info(
-            describe_settings(self.config, self.resolved, self._warmup_steps, self.engine.name, self.store.local_numel)
+            describe_settings(self.config, self.resolved, self._warmup_steps, self.engine.name, self.local_numel)
         )
         if args.eval_on_start:
             self._log(self._before_evaluation(control, force=True), state, control)
@@ -310,7 +309,6 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._stepped = not bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        store = self._require_store()
         step = state.global_step
         stepped, self._stepped = self._stepped, False
         self._require_core().advance(step, stepped)
@@ -320,13 +318,12 @@ class SEMACallback(TrainerCallback, ExportableState):
         if self.config.switch and schedule.should_switch_at_step(
             step, self.config.switch_every_steps, self.config.update_after_step
         ):
-            logs.update(self._switch_point(store, control, kwargs.get("model")))
+            logs.update(self._switch_point(control, kwargs.get("model")))
         logs.update(self._before_evaluation(control))
         self._log(logs, state, control)
         self._save_before_trainer(state, forced=control.should_save)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        store = self._require_store()
         completed = schedule.completed_epochs_at_epoch_end(state.epoch)
         if (
             self.config.switch
@@ -336,7 +333,7 @@ class SEMACallback(TrainerCallback, ExportableState):
                 completed, self.config.switch_every_epochs, self.config.switch_start_epoch
             )
         ):
-            logs = self._switch_point(store, control, kwargs.get("model"))
+            logs = self._switch_point(control, kwargs.get("model"))
         else:
             logs = {}
         logs.update(self._before_evaluation(control))
@@ -365,7 +362,7 @@ class SEMACallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._round.reset()
-        if self.store is None:
+        if self.core is None:
             self._training = False
             return
         self._require_core().posthoc_snapshot()  # the last step's post-hoc snapshot (no-op when off)
@@ -378,7 +375,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             # The Trainer just loaded the best checkpoint's raw weights; end on the weights its metric measured.
             measured = "both" if self._compares_weights() else self.config.evaluate_with
             final = evaluation.weights_behind_best_metric(measured, args.metric_for_best_model)
-            if final == "ema" and not has_ema_checkpoint(state.best_model_checkpoint):
+            if final == "ema" and not self.core.has_checkpoint(state.best_model_checkpoint):
                 message = (
                     f"SEMA: the best checkpoint {state.best_model_checkpoint} holds no EMA files (it was written "
                     "without SEMA, e.g. before a resume with allow_fresh_ema_on_resume=True): the model keeps the "
@@ -394,7 +391,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._training = False
         self.final_weights_held = final
         if final == "ema":
-            self.store.switch()
+            self.core.write_average()
             logger.info("SEMA: the model now holds the EMA weights.")
         else:
             logger.info("SEMA: the model keeps its raw weights (final_weights, if_better or the best checkpoint).")
@@ -512,33 +509,31 @@ class SEMACallback(TrainerCallback, ExportableState):
             raise RuntimeError("SEMACallback has no EMA yet: it is created when training starts (on_train_begin).")
         return self.core
 
-    def _require_store(self) -> EMAStore:
-        return self._require_core().store
-
     def _compares_weights(self) -> bool:
         """Whether evaluations read the raw weights and then the average (``eval_*`` and ``eval_ema_*``)."""
         return self.config.evaluate_with == "both" or self.config.switch_policy == "if_better"
 
-    def _switch_point(self, store: EMAStore, control: TrainerControl, model: torch.nn.Module | None) -> dict:
+    def _switch_point(self, control: TrainerControl, model: torch.nn.Module | None) -> dict:
         """At a switch point: switch now; a guarded one (``if_better``, or ``evaluate_with="both"`` before an
         evaluation) first measures the raw weights and the average with SEMA's own passes and decides on them,
         before the Trainer's evaluation and checkpoint, which then see the weights kept."""
         if not (self.config.switch_policy == "if_better" or (self._compares_weights() and control.should_evaluate)):
-            return self._switch(store, model, better=True)
+            return self._switch(model, better=True)
         trainer = self._require_trainer()
         ignore_keys = self._binding.ignore_keys_for_eval
         measured = evaluation.evaluate_weights(trainer, evaluation.RAW_PREFIX, ignore_keys)
-        measured.update(evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, store.swapped_in))
+        swap = self._require_core().swapped_in
+        measured.update(evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, swap))
         better = self._average_wins(measured)
         self._measured = (self._trainer_state.global_step if self._trainer_state is not None else None, measured)
-        return {**measured, **self._switch(store, model, better=better)}
+        return {**measured, **self._switch(model, better=better)}
 
-    def _switch(self, store: EMAStore, model: torch.nn.Module | None, better: bool) -> dict[str, float]:
+    def _switch(self, model: torch.nn.Module | None, better: bool) -> dict[str, float]:
         logs: dict[str, float] = {}
         if self.landscape is not None:  # measured before the switch: afterwards raw and EMA weights are the same
             if model is None:
                 raise RuntimeError("SEMACallback(landscape=...) needs the model in the hook's keyword arguments")
-            logs = self.landscape.measure(model, store.swapped_in)
+            logs = self.landscape.measure(model, self._require_core().swapped_in)
         logs.update(self._require_core().decide_switch(better))
         return logs
 
@@ -574,7 +569,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         ignore_keys = self._binding.ignore_keys_for_eval
         measured = evaluation.evaluate_weights(trainer, evaluation.RAW_PREFIX, ignore_keys)
         measured.update(
-            evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, self._require_store().swapped_in)
+            evaluation.evaluate_weights(trainer, evaluation.EMA_PREFIX, ignore_keys, self._require_core().swapped_in)
         )
         return self._average_wins(measured)
 
@@ -585,7 +580,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         if not (control.should_evaluate or force) or not self._training:
             return {}
         trainer = self._binding.trainer
-        store = self._require_store()
+        core = self._require_core()
         step = self._trainer_state.global_step if self._trainer_state is not None else None
         logs: dict[str, float] = {}
         measured: dict[str, float] = {}
@@ -593,7 +588,7 @@ class SEMACallback(TrainerCallback, ExportableState):
             at, measured = self._measured
             if at != step or not measured:  # no switch point measured both weight sets at this step
                 measured = evaluation.evaluate_weights(
-                    trainer, evaluation.EMA_PREFIX, self._binding.ignore_keys_for_eval, store.swapped_in
+                    trainer, evaluation.EMA_PREFIX, self._binding.ignore_keys_for_eval, core.swapped_in
                 )
                 logs.update(measured)
             uses_ema = at == step and bool(self.last_switch_decision) and self._steps_since_decision == 0
@@ -602,7 +597,7 @@ class SEMACallback(TrainerCallback, ExportableState):
         self._measured = (None, {})
         self._round.begin(
             trainer.eval_dataset if trainer is not None else None,
-            store.swapped_in if uses_ema and not self._compares_weights() else None,
+            core.swapped_in if uses_ema and not self._compares_weights() else None,
             measured,
         )
         logs["eval_uses_ema"] = float(uses_ema)

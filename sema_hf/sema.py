@@ -672,7 +672,7 @@ class SEMA:
                 better = self._average_wins(score_raw, score_average, evaluate, greater_is_better, "finalize()")
             final = "ema" if better else "model"
         if final == "ema":
-            self.store.switch()
+            self.write_average()
         self.final_weights_held = final
         return final
 
@@ -686,7 +686,7 @@ class SEMA:
         if label == selection.RAW:
             final = "model"
         elif label == selection.EMA:
-            self.store.switch()
+            self.write_average()
             final = "ema"
         else:
             try:
@@ -745,6 +745,14 @@ class SEMA:
         every = self.config.posthoc_every_steps
         if every is not None and step % every == 0:
             self._posthoc_snapshot(step)
+
+    def write_average(self) -> None:
+        """Copy the classic average into the model for good, as a switch does (not counted as one): what `finalize`
+        does for ``final_weights="ema"``, for a front-end that decides the final weights itself (the Trainer's
+        callback at train end). Every rank must call it."""
+        self._refuse_while_swapped("write_average()")
+        self._fresh_if_pending()
+        self.store.switch()
 
     def decide_switch(self, better: bool) -> dict[str, float]:
         """Record a switch point's decision; copy the average in when ``better``. Returns what to log."""

@@ -50,7 +50,7 @@ class EMAFirstCheckpointMixin:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         for callback in _sema_callbacks(self):
-            if callback.store is not None and callback.trainer is self:
+            if callback.core is not None and callback.trainer is self:
                 callback.save_checkpoint_before_trainer(self._get_output_dir(trial=trial), self.state.global_step)
         super()._save_checkpoint(model, trial)  # type: ignore[misc]
 

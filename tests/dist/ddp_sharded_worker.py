@@ -93,9 +93,9 @@ class Recorder(TrainerCallback):
             out["switch_collectives"].append(counter.calls)
 
         @contextmanager
-        def counted_swap():
+        def counted_swap(averages=None):
             raw = params_of(model)
-            swap = swapped_in()
+            swap = swapped_in(averages)
             with CollectiveCounter() as entering:
                 swap.__enter__()
             inside = max_diff(params_of(model), sema.ema_state_dict())
