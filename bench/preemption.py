@@ -1,5 +1,5 @@
 """How often a run killed with SIGKILL resumes with ``resume_from_checkpoint=True``: plain Trainer vs SEMACallback vs
-SEMATrainer (the README's "resumed N of N vs M of N without SEMA").
+SEMATrainer (docs/checkpoints.md's "resumed N of N vs M of N without SEMA").
 
 Runs the fault-injection harness of the tests (``tests/preemption_harness.py``: the tiny regressor, a checkpoint
 every step, ``save_total_limit=3``) with more trials than the test: every kill point ``--rounds`` times at random
