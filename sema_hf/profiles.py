@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from .engines.base import Slot
-from .store import SCRATCH_NUMEL
+from .store import SCRATCH_NUMEL, flat_fp32_views
+
+
+def _zeroed(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for t in views.values():
+        t.zero_()
+    return views
 
 
 def power_beta(t: int, gamma: float) -> float:
@@ -106,22 +112,9 @@ class PowerProfiles:
         self.gammas = [float(g) for g in gammas]
         self.t = 0  # the optimizer step of the current values (0: not started; the first update sets theta_1)
         self._before_read = before_read or (lambda: None)
-        self.averages: list[dict[str, torch.Tensor]] = [self._allocate() for _ in self.gammas]
+        self.averages: list[dict[str, torch.Tensor]] = [_zeroed(flat_fp32_views(self.slots)) for _ in self.gammas]
         self._has_companion = companion is not None
         self._plan(companion, block_numel)
-
-    def _allocate(self) -> dict[str, torch.Tensor]:
-        by_device: dict[torch.device, list[Slot]] = {}
-        for s in self.slots:
-            by_device.setdefault(s.source.device, []).append(s)
-        out: dict[str, torch.Tensor] = {}
-        for device, group in by_device.items():
-            flat = torch.zeros(sum(s.source.numel() for s in group), dtype=torch.float32, device=device)
-            offset = 0
-            for s in group:
-                out[s.name] = flat[offset : offset + s.source.numel()].view(s.source.shape)
-                offset += s.source.numel()
-        return {s.name: out[s.name] for s in self.slots}
 
     def _plan(self, companion: Mapping[str, torch.Tensor] | None, block_numel: int) -> None:
         columns = [*self.averages, *([companion] if companion is not None else [])]

@@ -111,6 +111,22 @@ def _grouped_copies(
     return list(groups.values())
 
 
+def flat_fp32_views(slots: Sequence[Slot]) -> dict[str, torch.Tensor]:
+    """An fp32 tensor per slot, shaped like its source, all views of ONE flat buffer per device (in slot order, so
+    that neighbouring slots are neighbours in memory and their updates merge into one run). Uninitialised."""
+    by_device: dict[torch.device, list[Slot]] = {}
+    for s in slots:
+        by_device.setdefault(s.source.device, []).append(s)
+    views: dict[str, torch.Tensor] = {}
+    for device, group in by_device.items():
+        flat = torch.empty(sum(s.source.numel() for s in group), dtype=torch.float32, device=device)
+        offset = 0
+        for s in group:
+            views[s.name] = flat[offset : offset + s.source.numel()].view(s.source.shape)
+            offset += s.source.numel()
+    return {s.name: views[s.name] for s in slots}
+
+
 class EMAStore:
     """Exponential moving averages (fp32) of a fixed set of named tensors.
 
@@ -149,26 +165,11 @@ class EMAStore:
         self._after_write = after_write or (lambda: None)
         self._backup_forward = backup_forward
         self._before_read = before_read or (lambda: None)
-        self._averages: dict[str, torch.Tensor] = self._allocate()
+        self._averages: dict[str, torch.Tensor] = flat_fp32_views(self.slots)
         self._plan_update(scratch_numel)
         self.reset()
 
     # ---- construction -------------------------------------------------------------------------------------------
-    def _allocate(self) -> dict[str, torch.Tensor]:
-        """One flat fp32 buffer per device; every average is a view of it."""
-        by_device: dict[torch.device, list[Slot]] = {}
-        for s in self.slots:
-            by_device.setdefault(s.source.device, []).append(s)
-        averages: dict[str, torch.Tensor] = {}
-        for device, group in by_device.items():
-            flat = torch.empty(sum(s.source.numel() for s in group), dtype=torch.float32, device=device)
-            offset = 0
-            for s in group:
-                n = s.source.numel()
-                averages[s.name] = flat[offset : offset + n].view(s.source.shape)
-                offset += n
-        return {s.name: averages[s.name] for s in self.slots}
-
     def _plan_update(self, scratch_numel: int) -> None:
         fp32: list[tuple[torch.Tensor, torch.Tensor]] = []
         low: list[tuple[torch.Tensor, torch.Tensor]] = []
