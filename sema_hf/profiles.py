@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .engines.base import Slot
-from .store import SCRATCH_NUMEL, flat_fp32_views
+from .store import SCRATCH_NUMEL, _follows, flat_fp32_views
 
 
 def _zeroed(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,17 +49,6 @@ class _Block:
     sources: list[torch.Tensor]
     scratch: list[torch.Tensor] | None
     targets: list[list[torch.Tensor]]
-
-
-def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.device == b.device
-        and a.is_contiguous()
-        and b.is_contiguous()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        and b.storage_offset() == a.storage_offset() + a.numel()
-    )
 
 
 def _merge(rows: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
