@@ -143,7 +143,9 @@ def test_decay_for_a_horizon_in_epochs_is_one_minus_one_over_the_horizon_in_step
 
 def test_variants_of_a_seed_differ_only_in_their_sema_and_scheduler_flags():
     task = study.VIT
-    sema_flags = {"--sema_mode", "--decay", "--switch_start_epoch", "--switch_policy", "--lr_scheduler_type"}
+    sema_flags = {
+        "--sema_mode", "--decay", "--switch_start_epoch", "--switch_policy", "--lr_scheduler_type", "--posthoc_auto"
+    }  # fmt: skip
 
     def rest(flags):
         out, skip = [], False
@@ -166,6 +168,11 @@ def test_variants_of_a_seed_differ_only_in_their_sema_and_scheduler_flags():
     # the paper's switch is asked for by name: the examples' own default is the guarded one
     plain = study.run_flags(task, study.Variant("sema", horizon_epochs=1.0), 1, "out")
     assert plain[plain.index("--switch_policy") + 1] == "always"
+    # the examples' post-hoc default is pinned off, except in the post-hoc variants, which choose on held-out data
+    assert plain[plain.index("--posthoc_auto") + 1] == "false"
+    posthoc = study.run_flags(study.MNIST_V2_POSTHOC, study.Variant("ema", 0.3, posthoc_every=10), 1, "out")
+    assert "--posthoc_auto" not in posthoc and posthoc[posthoc.index("--posthoc_every_steps") + 1] == "10"
+    assert posthoc[posthoc.index("--posthoc_select") + 1] == "eval_loss"
 
 
 def test_pieces_share_runs_that_are_the_same_run():
