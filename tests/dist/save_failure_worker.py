@@ -82,3 +82,5 @@ def run(out: str, case: str) -> None:
 if __name__ == "__main__":
     for name in sys.argv[2:]:
         run(sys.argv[1], name)
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (an abort there)
