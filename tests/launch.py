@@ -28,13 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, retries: int = 1) -> str:
+def run_torchrun(
+    script: str, *args: str, nproc: int = 2, timeout: float = 240, retries: int = 1, fresh: str | None = None
+) -> str:
     """Launch ``script`` on ``nproc`` ranks; return its combined output, or fail with it.
 
     A rare exit-time abort of gloo launches is retried once (seen about 1 in 60 launches on these machines).
+    ``fresh``: the launch's output folder, emptied before a retry, for scripts that refuse to write over what an
+    earlier run left (post-hoc snapshots of another series).
     """
     env = {**os.environ, **OFFLINE_ENV}
     script = script if os.path.isabs(script) else os.path.join(REPO_ROOT, script)  # relative to the repo root
+    earlier = ""  # what the failed attempts printed last, shown if the retry fails too
     for attempt in range(retries + 1):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -45,7 +50,11 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, 
         if proc.returncode == 0:
             return output
         if attempt == retries:
-            raise AssertionError(f"torchrun {script} failed with code {proc.returncode}:\n{output[-6000:]}")
+            raise AssertionError(f"torchrun {script} failed with code {proc.returncode}:\n{output[-6000:]}{earlier}")
+        earlier += f"\n--- attempt {attempt + 1} had failed with code {proc.returncode}:\n{output[-3000:]}"
+        if fresh is not None and os.path.isdir(fresh):
+            shutil.rmtree(fresh)
+            os.makedirs(fresh)
     raise AssertionError("unreachable")
 
 

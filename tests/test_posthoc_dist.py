@@ -34,7 +34,7 @@ TOTAL = sum(p.numel() for p in tiny_gpt2().parameters())
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("posthoc2")
-    run_torchrun("tests/dist/posthoc_worker.py", str(out), *ENGINES, timeout=400)
+    run_torchrun("tests/dist/posthoc_worker.py", str(out), *ENGINES, timeout=400, fresh=str(out))
     return out
 
 

@@ -385,7 +385,7 @@ def test_loop_posthoc_sweep_returns_the_table_and_finalize_puts_the_chosen_weigh
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("posthoc_select")
-    run_torchrun("tests/dist/posthoc_select_worker.py", str(out), *SHARDED, timeout=300)
+    run_torchrun("tests/dist/posthoc_select_worker.py", str(out), *SHARDED, timeout=300, fresh=str(out))
     return {
         engine: {
             "dir": out / engine,
