@@ -29,3 +29,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():  # end gloo's threads here, not in the interpreter's exit (it aborts)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

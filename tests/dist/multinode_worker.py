@@ -98,3 +98,6 @@ def main(base: str, phases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    if torch.distributed.is_initialized():  # end gloo's threads here, not in the interpreter's exit (it aborts)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

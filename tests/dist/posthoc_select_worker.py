@@ -79,3 +79,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # end gloo's threads here, not in the interpreter's exit (it aborts)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
