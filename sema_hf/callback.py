@@ -666,8 +666,7 @@ def _trainer_saves_a_new_best(args: TrainingArguments, state: TrainerState, metr
     no best yet, so a NaN is never a new best)."""
     if args.save_strategy != "best" or not metrics or args.metric_for_best_model is None:
         return False
-    key = args.metric_for_best_model
-    key = key if key.startswith("eval_") else f"eval_{key}"
+    key = selection.eval_key(args.metric_for_best_model)
     if key not in metrics:
         return False  # another eval set of a dict eval_dataset; the Trainer raises if no set has it
     best = state.best_metric

@@ -176,7 +176,7 @@ def load_ema_checkpoint(directory: str, layout: Layout) -> tuple[dict[str, torch
         return _load_shard(directory, 0, num_shards, state), state
     if layout.sharded and state["sharded"] and state["world_size"] == layout.world_size:
         saved = _shard_layout(directory, layout.rank, num_shards, state)
-        if "pieces" not in saved.get("extra", {}) or _pieces(saved) == _pieces(asdict(layout)):
+        if "pieces" not in saved.get("extra", {}) or layout_pieces(saved) == layout_pieces(asdict(layout)):
             return _load_shard(directory, layout.rank, num_shards, state), state
     return _reshard(directory, num_shards, layout, state), state
 
@@ -225,7 +225,7 @@ def _require_fp32(tensor: torch.Tensor, name: str, path: str) -> None:
         )
 
 
-def _pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+def layout_pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     """``(name, start, stop)``: which range of which flattened tensor each saved/averaged tensor holds. Sharded
     adapters record it in ``extra["pieces"]``; an unsharded layout holds every tensor whole."""
     if "pieces" in layout.get("extra", {}):
@@ -239,9 +239,9 @@ def _reshard(directory: str, num_shards: int, layout: Layout, state: Mapping[str
     """Assemble this rank's averages (per ``layout``) from the ranges held by all saved shard files."""
     headers = [_shard_header(directory, k, num_shards, state) for k in range(num_shards)]
     try:
-        wanted = _pieces(asdict(layout))
+        wanted = layout_pieces(asdict(layout))
         saved_layouts = [json.loads(h["layout"]) for h in headers]
-        saved_pieces = [_pieces(saved) for saved in saved_layouts]
+        saved_pieces = [layout_pieces(saved) for saved in saved_layouts]
     except (KeyError, ValueError) as err:
         raise ValueError(
             f"EMA state in {directory!r} was saved by {state['engine']!r} over {state['world_size']} ranks and this "

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from transformers.trainer_callback import ProgressCallback
 
+from .selection import eval_key
+
 # The prefixes of SEMA's own passes: the average, and the raw weights before a switch point's decision.
 EMA_PREFIX = "eval_ema"
 RAW_PREFIX = "eval_raw"
@@ -56,7 +58,7 @@ def plain_metric(metric: str | None) -> str:
     for prefix in (EMA_PREFIX + "_", RAW_PREFIX + "_"):
         if metric.startswith(prefix):
             metric = "eval_" + metric[len(prefix) :]
-    return metric if metric.startswith("eval_") else f"eval_{metric}"
+    return eval_key(metric)
 
 
 def metric_keys(metric_for_best_model: str | None, eval_dataset: Any) -> tuple[str, str]:
@@ -80,7 +82,7 @@ def sema_metric_named(metric_for_best_model: str | None) -> str | None:
     when it names one of the Trainer's own keys."""
     if metric_for_best_model is None:
         return None
-    metric = metric_for_best_model if metric_for_best_model.startswith("eval_") else f"eval_{metric_for_best_model}"
+    metric = eval_key(metric_for_best_model)
     return metric if metric.startswith((EMA_PREFIX + "_", RAW_PREFIX + "_")) else None
 
 

@@ -94,7 +94,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, layout_fingerprint, raise_if_any_rank_failed
+from .checkpoint import atomic_write, layout_fingerprint, layout_pieces, raise_if_any_rank_failed
 from .engines.base import Layout
 from .engines.shards import cover_problems
 
@@ -478,12 +478,6 @@ def _check_header(path: str, meta: Mapping[str, str], index: Mapping[str, Any], 
     return json.loads(meta["layout"])
 
 
-def _pieces(layout: Mapping[str, Any]) -> list[tuple[str, int, int]]:
-    if "pieces" in layout.get("extra", {}):
-        return [(str(n), int(a), int(b)) for n, a, b in layout["extra"]["pieces"]]
-    return [(str(n), 0, math.prod(shape)) for n, shape in layout["slots"]]
-
-
 def check_folder(directory: str) -> tuple[str, dict[str, Any]]:
     """The folder and its index, after checking that every file belongs to the index's run and every snapshot
     step the index lists has all its shard files."""
@@ -557,14 +551,19 @@ def fit_index(index: Mapping[str, Any], target: Target, max_fit_error: float | N
     return solve(snaps, target, max_fit_error=max_fit_error, sigma_rels=labels)
 
 
+def _terms(index: Mapping[str, Any], report: FitReport) -> list[tuple[float, int, int]]:
+    """``(weight, step, profile index)`` of every snapshot the fit uses (weight not 0)."""
+    profile_of = {round(float(p["sigma_rel"]), 12): k for k, p in enumerate(index["profiles"])}
+    return [(w, t, profile_of[round(s, 12)]) for w, (t, s) in zip(report.weights, report.snapshots, strict=True) if w]
+
+
 def combine(
     directory: str, index: Mapping[str, Any], report: FitReport, shard: int, names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
     """``sum_i x_i * snapshot_i`` of one shard's own files (the rank's slots ``names``), accumulated in float64,
     returned in fp32. Nothing is gathered: every rank does this with the same weights."""
     num_shards = int(index["num_shards"])
-    profile_of = {round(float(p["sigma_rel"]), 12): k for k, p in enumerate(index["profiles"])}
-    terms = [(w, t, profile_of[round(s, 12)]) for w, (t, s) in zip(report.weights, report.snapshots, strict=True) if w]
+    terms = _terms(index, report)
     out: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         handles: dict[int, Any] = {}
@@ -612,8 +611,7 @@ def reconstruct(
     report = fit_index(index, target, max_fit_error)
     logger.info(f"post-hoc EMA: {report}")
     num_shards = int(index["num_shards"])
-    profile_of = {round(float(p["sigma_rel"]), 12): k for k, p in enumerate(index["profiles"])}
-    terms = [(w, t, profile_of[round(s, 12)]) for w, (t, s) in zip(report.weights, report.snapshots, strict=True) if w]
+    terms = _terms(index, report)
     shapes = {name: [int(d) for d in shape] for name, shape in index["params"]}
     out: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
@@ -625,7 +623,7 @@ def reconstruct(
                     path = os.path.join(directory, snapshot_file_name(t, shard, num_shards))
                     handle = stack.enter_context(_open(path, "snapshot file"))
                     layout = _check_header(path, handle.metadata() or {}, index, t)
-                    opened[(t, shard)] = (handle, {n: (a, b) for n, a, b in _pieces(layout)})
+                    opened[(t, shard)] = (handle, {n: (a, b) for n, a, b in layout_pieces(layout)})
                 files.append((w, t, k, *opened[(t, shard)]))
         for name, shape in shapes.items():
             numel = math.prod(shape)

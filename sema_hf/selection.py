@@ -278,10 +278,10 @@ def greater_is_better_for(metric: str, metric_for_best_model: str | None, greate
     """The direction of ``metric`` in a Trainer run: ``TrainingArguments.greater_is_better`` when it was set for
     this very metric (``metric_for_best_model`` unset or naming the same key), else the Trainer's own rule: lower
     is better for a key ending in ``loss``, higher for the rest."""
-    same = metric_for_best_model is None or _eval_key(metric_for_best_model) == _eval_key(metric)
+    same = metric_for_best_model is None or eval_key(metric_for_best_model) == eval_key(metric)
     if greater_is_better is not None and same:
         return bool(greater_is_better)
-    return not _eval_key(metric).endswith("loss")
+    return not eval_key(metric).endswith("loss")
 
 
 def write_json(sweep: PosthocSweep, folder: str) -> str:
@@ -348,7 +348,9 @@ def plot(sweep: PosthocSweep, folder: str) -> str:
     return path
 
 
-def _eval_key(metric: str) -> str:
+def eval_key(metric: str) -> str:
+    """A metric as the key ``Trainer.evaluate`` reports it under (the Trainer's own rule for
+    ``metric_for_best_model``): ``"loss"`` -> ``"eval_loss"``; a key with the prefix stays as it is."""
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 

@@ -417,26 +417,23 @@ class SEMA:
         callback), keyed like ``sema.store.state_dict()`` and re-sharded to this run's layout, without touching
         this object's state (for `swapped_in` or `write_weights`). Every rank must call it; an error on any rank
         is raised on every rank."""
-        tensors: dict[str, torch.Tensor] = {}
+        averages: dict[str, torch.Tensor] = {}
         error: BaseException | None = None
         try:
-            if not has_ema_checkpoint(folder):
-                raise FileNotFoundError(f"No SEMA EMA state in {folder!r} (no {STATE_NAME}).")
-            layout = self.engine.layout()
-            saved_posthoc = read_ema_state(folder).get("posthoc")
-            if saved_posthoc is not None:  # the files also hold the post-hoc profiles: read the classic EMA only
-                layout = _with_profiles(layout, len(saved_posthoc["sigma_rels"]))
-            tensors, _ = load_ema_checkpoint(folder, layout)
-            tensors = {n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)}
-            self.store.check_state_dict(tensors)
+            own = state_folder(folder, self.name)
+            if not has_ema_checkpoint(own):
+                raise FileNotFoundError(f"No SEMA EMA state in {own!r} (no {STATE_NAME}).")
+            saved_posthoc = read_ema_state(own).get("posthoc")  # the files may hold the profiles too
+            averages, _, _ = self._read_saved(own, len(saved_posthoc["sigma_rels"]) if saved_posthoc else 0)
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
             error = err
         raise_if_any_rank_failed(error, f"read the EMA saved in {folder!r}")
-        return tensors
+        return averages
 
     def has_checkpoint(self, folder: str) -> bool:
-        """Whether ``folder`` holds EMA state saved by SEMA (this process's view; no collective)."""
-        return has_ema_checkpoint(folder)
+        """Whether ``folder`` holds EMA state saved by this SEMA (its own files, `state_folder`; this process's
+        view, no collective)."""
+        return has_ema_checkpoint(state_folder(folder, self.name))
 
     def posthoc_sweep(
         self,
@@ -535,7 +532,7 @@ class SEMA:
                     f"post-hoc average, {target.kind} {target.value:g}",
                     value=target.value,
                     horizon_steps=selection.horizon_steps_of(target, self.global_step, self.steps_per_epoch),
-                    fit=_report_dict(report),
+                    fit=report.to_dict(),
                 )
             del averages
         best = _rank0_index(selection.choose([row.score for row in rows], greater_is_better))
@@ -698,7 +695,7 @@ class SEMA:
                     "to write, with write_weights)."
                 ) from None
             averages, _ = self.posthoc_average(**target.as_kwargs())
-            self.store.write(averages)
+            self.write_weights(averages)
             del averages
             final = "posthoc"
         self.posthoc_chosen = label
@@ -716,23 +713,22 @@ class SEMA:
         self._fresh_if_pending()
         cfg = self.config
         action = schedule.ema_action(step, cfg.update_every, cfg.update_after_step)
+        ema_weight: float | None = None  # the classic EMA's share in the profiles' pass (None: not updated)
         if action is schedule.EMAAction.COPY:
             self.store.reset()
             self.last_decay = 0.0
-            if self.profiles is not None:
-                self._update_profiles(step, None)
         elif action is schedule.EMAAction.UPDATE:
             decay = schedule.effective_decay(
                 step, self.resolved.decay, cfg.warmup, self.warmup_steps, cfg.warmup_ratio, cfg.update_every
             )
-            if self.profiles is not None:  # one pass over the weights for the classic EMA and the profiles
-                self._update_profiles(step, 1.0 - decay)
-            else:
+            if self.profiles is None:
                 self.store.update(decay)
+            else:  # one pass over the weights for the classic EMA and the profiles
+                ema_weight = 1.0 - decay
             self.num_updates += 1
             self.last_decay = decay
-        elif self.profiles is not None:
-            self._update_profiles(step, None)
+        if self.profiles is not None:
+            self._update_profiles(step, ema_weight)
         self.steps_since_decision += 1
 
     def _update_profiles(self, step: int, ema_weight: float | None) -> None:
@@ -1038,31 +1034,24 @@ class SEMA:
                 else None
             )
             raise_if_any_rank_failed(error, f"find the EMA state in {own!r}")
+        averages: dict[str, torch.Tensor] = {}
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
         error = None
         saved_posthoc: dict[str, Any] | None = None
         try:
-            layout = self.engine.layout()
             saved_posthoc = read_ema_state(own).get("posthoc")
-            if self.profiles is not None and saved_posthoc is not None:
-                if [float(s) for s in saved_posthoc["sigma_rels"]] != list(self.config.posthoc_sigma_rels):
-                    raise ValueError(
-                        f"SEMA: the checkpoint {own!r} tracked posthoc_sigma_rels {saved_posthoc['sigma_rels']}, "
-                        f"this run {list(self.config.posthoc_sigma_rels)}: resume with the same profiles."
-                    )
-                layout = _with_profiles(layout, len(self.posthoc_gammas))
-            tensors, meta = load_ema_checkpoint(own, layout)
-            if meta.get("name") != self.name:
+            tracked = self.profiles is not None and saved_posthoc is not None
+            if tracked and [float(s) for s in saved_posthoc["sigma_rels"]] != list(self.config.posthoc_sigma_rels):
                 raise ValueError(
-                    f"SEMA: {os.path.join(own, STATE_NAME)} holds the average named {meta.get('name')!r}, and "
-                    f"this SEMA is named {self.name!r}: the files were moved or copied between averages."
+                    f"SEMA: the checkpoint {own!r} tracked posthoc_sigma_rels {saved_posthoc['sigma_rels']}, "
+                    f"this run {list(self.config.posthoc_sigma_rels)}: resume with the same profiles."
                 )
-            self.store.check_state_dict({n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)})
+            averages, tensors, meta = self._read_saved(own, len(self.posthoc_gammas) if tracked else 0)
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is raised
             error = err
         raise_if_any_rank_failed(error, f"restore the EMA from {folder!r}")
-        self.store.load_state_dict({n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)})
+        self.store.load_state_dict(averages)
         self.global_step = meta["global_step"]
         self.num_updates = meta["num_updates"]
         self.num_switches = meta["num_switches"]
@@ -1079,6 +1068,25 @@ class SEMA:
                 error = err
             raise_if_any_rank_failed(error, f"restore the post-hoc EMA from {folder!r}")
         return meta
+
+    def _read_saved(
+        self, own: str, num_profiles: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's part of what this SEMA saved in ``own`` (`state_folder`), re-sharded to this run's layout:
+        the classic EMA (checked against the store), every tensor read (with those of ``num_profiles`` post-hoc
+        profiles saved beside it) and the saved metadata, whose name must be this SEMA's."""
+        layout = self.engine.layout()
+        if num_profiles:
+            layout = _with_profiles(layout, num_profiles)
+        tensors, meta = load_ema_checkpoint(own, layout)
+        if meta.get("name") != self.name:
+            raise ValueError(
+                f"SEMA: {os.path.join(own, STATE_NAME)} holds the average named {meta.get('name')!r}, and "
+                f"this SEMA is named {self.name!r}: the files were moved or copied between averages."
+            )
+        averages = {n: t for n, t in tensors.items() if not _PROFILE_KEY.match(n)}
+        self.store.check_state_dict(averages)
+        return averages, tensors, meta
 
     def remove_hooks(self) -> None:
         """Stop riding along with ``accelerator.save_state`` / ``load_state`` (e.g. before making another SEMA of
@@ -1271,33 +1279,17 @@ def _any_rank(flag: bool) -> bool:
 
 def _rank0_decision(better: bool) -> bool:
     """Rank 0's switch decision on every rank: ranks that switched differently would hold different weights."""
-    if not _distributed():
-        return better
-    t = _flag_tensor(int(better))
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(_rank0_index(int(better)))
 
 
 def _rank0_index(index: int) -> int:
-    """Rank 0's choice of row on every rank: ranks that chose differently would hold different weights."""
+    """Rank 0's choice (a row of a sweep, a switch decision) on every rank: one broadcast of one integer; ranks
+    that chose differently would hold different weights."""
     if not _distributed():
         return index
     t = _flag_tensor(index)
     dist.broadcast(t, src=0)
     return int(t.item())
-
-
-def _report_dict(report: Any) -> dict[str, Any]:
-    """A post-hoc fit report as a JSON-ready dict (it may be a dataclass, a mapping or a number)."""
-    if report is None:
-        return {}
-    if callable(getattr(report, "to_dict", None)):
-        report = report.to_dict()
-    elif dataclasses.is_dataclass(report) and not isinstance(report, type):
-        report = dataclasses.asdict(report)
-    if isinstance(report, Mapping):
-        return {str(k): (v.tolist() if hasattr(v, "tolist") else v) for k, v in report.items()}
-    return {"report": report.tolist() if hasattr(report, "tolist") else report}
 
 
 def _entry_check_group(engine: EngineAdapter) -> Any | None:
