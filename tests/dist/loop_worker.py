@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
-from sharded_setup import pattern_dataset, reference_ema, tiny_gpt2  # noqa: E402
+from sharded_setup import pattern_dataset, reference_ema, run_each_engine, tiny_gpt2  # noqa: E402
 
 from sema_hf import SEMA  # noqa: E402
 
@@ -218,14 +218,5 @@ def run(out_dir: str, engine: str) -> None:
         accelerator.free_memory()
 
 
-def main() -> None:
-    out_dir, engines = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    for engine in engines:
-        run(out_dir, engine)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_each_engine(run)

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 from fsdp_shim import FSDPTrainer  # noqa: E402
-from sharded_setup import ENGINES, SEMA_KWARGS, eval_dataset, pattern_dataset, tiny_gpt2, training_args  # noqa: E402
+from sharded_setup import ENGINES, SEMA_KWARGS, eval_dataset, pattern_dataset, run_each_engine, tiny_gpt2, training_args  # noqa: E402
 
 from sema_hf import SEMACallback  # noqa: E402
 
@@ -74,14 +74,5 @@ def run(out_dir: str, engine: str) -> None:
         trainer.accelerator.free_memory()
 
 
-def main() -> None:
-    out_dir, engines = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    for engine in engines:
-        run(out_dir, engine)
-        dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_each_engine(run)

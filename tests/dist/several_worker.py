@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 
 from loop_worker import ZERO3, full_masters, make_accelerator, rank_batches  # noqa: E402
-from sharded_setup import tiny_gpt2  # noqa: E402
+from sharded_setup import run_each_engine, tiny_gpt2  # noqa: E402
 
 from sema_hf import SEMA  # noqa: E402
 
@@ -192,14 +192,5 @@ def run(out_dir: str, engine: str) -> None:
         json.dump(result, f, indent=1)
 
 
-def main() -> None:
-    out_dir, engines = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
-    for engine in engines:
-        run(out_dir, engine)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_each_engine(run)

@@ -7,7 +7,11 @@ between switches where the average differs from the weights.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
@@ -135,3 +139,14 @@ def reference_ema(weights: list[dict[str, torch.Tensor]], decay: float) -> dict[
         for n, t in theta.items():
             ema[n].lerp_(t, 1 - decay)
     return ema
+
+
+def run_each_engine(run: Callable[[str, str], None]) -> None:
+    """A worker's main: ``sys.argv`` is the output folder, then engine names; ``run(out_dir, engine)`` for each, on
+    one gloo group, with a barrier after each engine and the group ended before the interpreter exits."""
+    out_dir, engines = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    for engine in engines:
+        run(out_dir, engine)
+        dist.barrier()
+    dist.destroy_process_group()
