@@ -270,7 +270,8 @@ def example_posthoc(
 
     Study v3 (docs/evidence, 5 seeds, paired): chosen this way, the average matched the best of five fixed horizons
     in hindsight (+0.0005 ± 0.0012 test accuracy with cosine LR, -0.0004 ± 0.0015 constant) and kept the raw weights
-    on the LM, where no horizon helped; the examples' fixed 0.3 epoch was 0.016 (cosine) and 0.008 (constant) behind.
+    on the LM, where no horizon helped; the examples' fixed 0.3 epoch was 0.016 ± 0.005 (cosine) and 0.008 ± 0.007
+    (constant) behind.
     Without held-out data the choice would be made on the data the run reports, so it stays off there."""
     if example_args.sema_mode == "none":
         return config, "no averaging"
